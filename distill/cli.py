@@ -1,0 +1,136 @@
+"""`distill <verb>`: one small function per verb, each delegating to the module that does the work.
+
+User mistakes raise `distill.errors.UserError`; they are printed on one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from distill.errors import UserError
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """Parse "AxB" into (A, B); each verb documents which of the two is the height."""
+    try:
+        first, second = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 352x1216, got {text!r}") from None
+    if first <= 0 or second <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return first, second
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from distill.data.synth import write_world
+
+    width, height = args.size  # synth takes KITTI's "1242x375" order: width x height
+    write_world(args.out, frames=args.frames, seed=args.seed, domain=args.domain, size=(width, height), bag=args.bag)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from distill.train import run_training
+
+    run_training(args.config, args.overrides)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from distill.evaluate import run_eval
+
+    run_eval(args.checkpoint, data=args.data, crop=args.crop, align=args.align, json_out=args.json)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from distill.models.info import print_info
+
+    print_info(args.model, size=args.size)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from distill.export import run_export
+
+    run_export(args)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from distill.bench import run_bench
+
+    run_bench(args.model, backend=args.backend, size=args.size, runs=args.runs)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distill", description=__doc__.splitlines()[0])
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    synth = verbs.add_parser("synth", help="render the synthetic KITTI-like world (KITTI raw layout + rosbag2)")
+    synth.add_argument("out", type=Path, help="output folder")
+    synth.add_argument("--frames", type=int, default=20, help="frames per drive (default 20)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--domain", choices=["kitti", "shifted"], default="kitti")
+    synth.add_argument("--size", type=parse_size, default=(1242, 375), help="WIDTHxHEIGHT (default 1242x375)")
+    synth.add_argument("--bag", choices=["mcap", "sqlite3", "none"], default="mcap")
+    synth.set_defaults(func=cmd_synth)
+
+    train = verbs.add_parser("train", help="train a student or teacher (supervised or distilled) from a config")
+    train.add_argument("config", type=Path, help="experiment YAML overriding config/default.yaml")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100 resume=true")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = verbs.add_parser("eval", help="evaluate a checkpoint or ONNX model with the KITTI/NYU protocol")
+    evaluate.add_argument("checkpoint", type=Path)
+    evaluate.add_argument("--data", required=True, help="a config YAML or a dataset folder")
+    evaluate.add_argument("--crop", choices=["garg", "eigen", "nyu", "none"], default=None)
+    evaluate.add_argument("--align", choices=["none", "median", "lsq"], default="none")
+    evaluate.add_argument("--json", type=Path, default=None, help="write the metrics as JSON here")
+    evaluate.set_defaults(func=cmd_eval)
+
+    info = verbs.add_parser("info", help="parameters and FLOPs of a student, teacher or checkpoint")
+    info.add_argument("model", help="student arch (e.g. efficientnet_b0), teacher spec (timm:...) or checkpoint")
+    info.add_argument("--size", type=parse_size, default=(352, 1216), help="HEIGHTxWIDTH (default 352x1216)")
+    info.set_defaults(func=cmd_info)
+
+    export = verbs.add_parser("export", help="export a checkpoint to ONNX (and a TensorRT engine)")
+    export.add_argument("checkpoint", type=Path, nargs="?", help="checkpoint folder or file")
+    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--format", default="onnx", help="comma-separated: onnx,engine")
+    export.add_argument("--size", type=parse_size, default=(352, 1216), help="HEIGHTxWIDTH (default 352x1216)")
+    export.add_argument("--dynamic", action="store_true", help="dynamic batch/height/width")
+    export.add_argument("--fp16", action="store_true")
+    export.add_argument("--int8", action="store_true")
+    export.add_argument("--calib", type=Path, default=None, help="images/dataset/bag for INT8 calibration")
+    export.add_argument("--opset", type=int, default=17)
+    export.add_argument("--arch", default=None, help="with --random-init: student architecture")
+    export.add_argument("--random-init", action="store_true", help="export an untrained student (tests, benchmarks)")
+    export.set_defaults(func=cmd_export)
+
+    bench = verbs.add_parser("bench", help="latency of an exported model per backend")
+    bench.add_argument("model", type=Path)
+    bench.add_argument("--backend", default="onnxruntime")
+    bench.add_argument("--size", type=parse_size, default=None, help="HEIGHTxWIDTH (default: the model's)")
+    bench.add_argument("--runs", type=int, default=50)
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as error:
+        print(f"distill {args.verb}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"distill {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Distillation methods, one file each; selected by name in the config (`kd.method`)."""
