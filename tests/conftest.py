@@ -1,0 +1,24 @@
+"""Session-wide test settings: an isolated ROS 2 domain, the shared real samples, a modest thread count."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+# Every test session gets its own DDS domain so parallel runs never cross-talk (see shared/docs/ros.md).
+os.environ.setdefault("ROS_DOMAIN_ID", str(random.SystemRandom().randint(1, 100)))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real KITTI/NYU samples kept beside the repository (../shared/data)."""
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"real sample data not found at {SHARED_DATA}: the checkout must sit beside shared/")
+    return SHARED_DATA
