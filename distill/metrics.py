@@ -191,14 +191,13 @@ def _errors(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
     ratio = np.maximum(gt / pred, pred / gt)
     diff = gt - pred
     log_err = np.log(pred) - np.log(gt)
-    silog_var = max(np.mean(log_err**2) - np.mean(log_err) ** 2, 0.0)  # rounding can make it slightly negative
     metrics = {
         "abs_rel": np.mean(np.abs(diff) / gt),
         "sq_rel": np.mean(diff**2 / gt),
         "rmse": np.sqrt(np.mean(diff**2)),
         "rmse_log": np.sqrt(np.mean(log_err**2)),
         "log10": np.mean(np.abs(np.log10(gt) - np.log10(pred))),
-        "silog": 100.0 * np.sqrt(silog_var),
+        "silog": 100.0 * np.sqrt(np.var(log_err)),  # var = mean(e^2) - mean(e)^2, computed without cancellation
         "d1": np.mean(ratio < 1.25),
         "d2": np.mean(ratio < 1.25**2),
         "d3": np.mean(ratio < 1.25**3),
