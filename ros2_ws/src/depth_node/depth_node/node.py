@@ -12,7 +12,6 @@ import threading
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.executors import ExternalShutdownException

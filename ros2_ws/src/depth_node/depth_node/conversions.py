@@ -1,0 +1,291 @@
+"""sensor_msgs Image / CompressedImage / CameraInfo <-> numpy, duck-typed on the message fields.
+
+Works on rclpy messages and on rosbags messages alike (only the field names are read). Building an outgoing
+message imports `sensor_msgs.msg` lazily; nothing here imports rclpy. Malformed input (unsupported encoding,
+zero size, truncated data, step too small, bad intrinsics) raises ValueError with a message naming the problem,
+so the node can warn once, skip the frame and keep running.
+"""
+
+from __future__ import annotations
+
+import array
+import copy
+from typing import Any, NamedTuple
+
+import cv2
+import numpy as np
+
+
+class _Encoding(NamedTuple):
+    dtype: str  # numpy type of one channel
+    channels: int  # channels per pixel as stored (yuv422: 2 bytes per pixel)
+    order: str  # "rgb", "bgr" (reordered to RGB), "mono" (returned as is) or "cv2" (decoded with cv2_code)
+    cv2_code: int = -1
+
+
+_BAYER_YUV = {
+    # OpenCV names Bayer patterns by the second row's 2x2 block: ROS "rggb" is OpenCV "BG" (same constant).
+    "bayer_rggb8": cv2.COLOR_BayerBG2RGB,
+    "bayer_bggr8": cv2.COLOR_BayerRG2RGB,
+    "bayer_gbrg8": cv2.COLOR_BayerGR2RGB,
+    "bayer_grbg8": cv2.COLOR_BayerGB2RGB,
+}
+_ENCODINGS: dict[str, _Encoding] = {
+    "rgb8": _Encoding("u1", 3, "rgb"),
+    "rgba8": _Encoding("u1", 4, "rgb"),
+    "bgr8": _Encoding("u1", 3, "bgr"),
+    "bgra8": _Encoding("u1", 4, "bgr"),
+    "8UC3": _Encoding("u1", 3, "bgr"),  # OpenCV's default channel order, as cv_bridge reads it
+    "rgb16": _Encoding("u2", 3, "rgb"),
+    "rgba16": _Encoding("u2", 4, "rgb"),
+    "bgr16": _Encoding("u2", 3, "bgr"),
+    "bgra16": _Encoding("u2", 4, "bgr"),
+    "mono8": _Encoding("u1", 1, "mono"),
+    "8UC1": _Encoding("u1", 1, "mono"),
+    "mono16": _Encoding("u2", 1, "mono"),
+    "16UC1": _Encoding("u2", 1, "mono"),
+    "16SC1": _Encoding("i2", 1, "mono"),
+    "32FC1": _Encoding("f4", 1, "mono"),
+    **{name: _Encoding("u1", 1, "cv2", code) for name, code in _BAYER_YUV.items()},
+    "yuv422": _Encoding("u1", 2, "cv2", cv2.COLOR_YUV2RGB_UYVY),
+    "uyvy": _Encoding("u1", 2, "cv2", cv2.COLOR_YUV2RGB_UYVY),
+    "yuv422_yuy2": _Encoding("u1", 2, "cv2", cv2.COLOR_YUV2RGB_YUY2),
+    "yuyv": _Encoding("u1", 2, "cv2", cv2.COLOR_YUV2RGB_YUY2),
+}
+# Encodings that carry measurements (metres, signed values), not light: to_rgb refuses them.
+_NOT_CAMERA = ("16SC1", "32FC1")
+
+
+def _lookup(encoding: str) -> _Encoding:
+    try:
+        return _ENCODINGS[encoding]
+    except KeyError:
+        raise ValueError(f"unsupported image encoding '{encoding}' (supported: {', '.join(_ENCODINGS)})") from None
+
+
+def message_bytes(data: Any) -> np.ndarray:
+    """msg.data (bytes, array.array, numpy uint8 or list of ints) as a flat uint8 array, without a copy if possible."""
+    try:
+        return np.frombuffer(data, dtype=np.uint8)
+    except (TypeError, ValueError):
+        return np.asarray(data, dtype=np.uint8).reshape(-1)
+
+
+def message_array(shape: tuple[int, ...], dtype: np.dtype | str) -> tuple[array.array, np.ndarray]:
+    """A zeroed array.array('B') for a message's uint8[] `data` and a writable numpy view of it.
+
+    Fill the view, then give the buffer to new_message: the payload is written once, straight into the memory the
+    message keeps. Every extra fresh buffer of a 375x1242 cloud (7.5 MB) costs ~5 ms in page faults here, so
+    array.tobytes() followed by `msg.data = ...` (two more buffers) made clouds 4-5x slower (see
+    benchmarks/cloud_packing.py).
+    """
+    dtype = np.dtype(dtype)
+    buffer = array.array("B", b"\0") * (int(np.prod(shape)) * dtype.itemsize)
+    return buffer, np.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+def new_message(message_type: type, data: array.array, **fields: Any) -> Any:
+    """message_type(**fields) with `data` attached without a copy.
+
+    Message constructors always copy `data`; the field setter keeps an array.array('B') as is when the message checks
+    its fields (check_fields=True on Jazzy and later, always on older distros) and copies it otherwise. The checks
+    on the other fields cost microseconds.
+    """
+    checked = {"check_fields": True} if "_check_fields" in getattr(message_type, "__slots__", ()) else {}
+    message = message_type(**fields, **checked)
+    message.data = data
+    return message
+
+
+def _pixels(msg: Any, spec: _Encoding) -> np.ndarray:
+    """Strided view of the pixels, (H, W, C) or (H, W) for one channel, in native byte order; validates the layout."""
+    height, width, step = int(msg.height), int(msg.width), int(msg.step)
+    if height <= 0 or width <= 0:
+        raise ValueError(f"zero-size image ({width}x{height}, encoding {msg.encoding})")
+    dtype = np.dtype(spec.dtype).newbyteorder(">" if msg.is_bigendian else "<")
+    pixel_bytes = spec.channels * dtype.itemsize
+    if step < width * pixel_bytes:
+        raise ValueError(f"image step {step} < width {width} x {pixel_bytes} bytes per pixel ({msg.encoding})")
+    buffer = message_bytes(msg.data)
+    if buffer.size < step * height:
+        raise ValueError(f"truncated image: {buffer.size} bytes of data, step x height = {step * height}")
+    shape = (height, width, spec.channels)
+    view = np.ndarray(shape, dtype=dtype, buffer=buffer, strides=(step, pixel_bytes, dtype.itemsize))
+    if spec.channels == 1:
+        view = view[..., 0]
+    return view if dtype.isnative else view.astype(dtype.newbyteorder("="))
+
+
+def image_to_numpy(msg: Any) -> np.ndarray:
+    """Decode a sensor_msgs/Image, honouring `step` row padding and `is_bigendian`.
+
+    Args:
+        msg: anything with height, width, encoding, is_bigendian, step, data.
+
+    Returns:
+        Colour encodings: (H, W, 3) RGB in the encoding's depth (uint8, or uint16 for rgb16/bgr16/...), alpha dropped;
+        bayer_* are demosaiced and yuv422 (UYVY) / yuv422_yuy2 (YUYV) converted to RGB uint8.
+        One-channel encodings: (H, W) in their own type (mono16/16UC1 uint16, 32FC1 float32, ...).
+        rgb/rgba and one-channel results are views of msg.data (no copy; read-only when data is bytes).
+
+    Raises:
+        ValueError: unsupported encoding, zero size, step smaller than a row, data shorter than step x height.
+    """
+    spec = _lookup(msg.encoding)
+    pixels = _pixels(msg, spec)
+    if spec.order == "rgb":
+        return pixels[..., :3]
+    if spec.order == "bgr":
+        return np.ascontiguousarray(pixels[..., 2::-1])
+    if spec.order == "cv2":
+        if spec.channels == 2 and pixels.shape[1] % 2:
+            raise ValueError(f"{msg.encoding} needs an even width, got {pixels.shape[1]}")
+        return cv2.cvtColor(np.ascontiguousarray(pixels), spec.cv2_code)
+    return pixels
+
+
+def to_rgb(msg: Any) -> np.ndarray:
+    """A camera image as (H, W, 3) uint8 RGB for the model input.
+
+    Mono images are replicated to three channels; 16-bit images keep their top 8 bits (full-range scaling, stable from
+    frame to frame; a 12-bit camera therefore looks dark). Measurement encodings (32FC1, 16SC1) raise ValueError.
+    """
+    if msg.encoding in _NOT_CAMERA:
+        raise ValueError(f"encoding {msg.encoding} holds measurements, not a camera image: cannot feed it as RGB")
+    image = image_to_numpy(msg)
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    return image
+
+
+def compressed_to_numpy(msg: Any) -> np.ndarray:
+    """Decode a sensor_msgs/CompressedImage (JPEG or PNG) to (H, W, 3) uint8 RGB.
+
+    `format` follows compressed_image_transport ("rgb8; jpeg compressed bgr8"): the word after "compressed" is the
+    channel order inside the file; it is BGR unless it says rgb*, and BGR when the format is just "jpeg" or empty.
+
+    Raises:
+        ValueError: empty or undecodable data, or a compressedDepth image.
+    """
+    fmt = str(msg.format).lower()
+    if "compresseddepth" in fmt:
+        raise ValueError(f"CompressedImage format '{msg.format}' is compressedDepth, not a colour image")
+    buffer = message_bytes(msg.data)
+    if buffer.size == 0:
+        raise ValueError("CompressedImage has no data")
+    try:
+        decoded = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+    except cv2.error:
+        decoded = None
+    if decoded is None:
+        raise ValueError(f"could not decode CompressedImage ({buffer.size} bytes, format '{msg.format}') as JPEG/PNG")
+    if fmt.partition("compressed")[2].strip().startswith("rgb"):
+        return decoded
+    return cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
+
+
+def numpy_to_image_fields(image: np.ndarray, encoding: str, bigendian: bool = False) -> dict[str, Any]:
+    """The fields of a sensor_msgs/Image holding `image`: the inverse of image_to_numpy.
+
+    Args:
+        image: (H, W) for one-channel encodings; (H, W, 3) RGB for colour ones ((H, W, 4) RGBA for *a encodings,
+            or (H, W, 3) and alpha is set opaque). Its dtype must cast safely ("same kind") to the encoding's type.
+        encoding: a ROS encoding name; bayer_* and yuv422* are input-only.
+        bigendian: write multi-byte values big-endian.
+
+    Returns:
+        dict(height, width, encoding, is_bigendian, step, data) with no row padding; data is array.array('B'):
+        build the message with new_message(Image, header=..., **fields) to keep it without a copy.
+    """
+    spec = _lookup(encoding)
+    if spec.order == "cv2":
+        raise ValueError(f"encoding {encoding} is input-only")
+    image = np.asarray(image)
+    dtype = np.dtype(spec.dtype)
+    if not np.can_cast(image.dtype, dtype, "same_kind"):
+        raise ValueError(f"cannot store a {image.dtype} array as {encoding} ({dtype})")
+    if spec.channels == 1 and image.ndim != 2:
+        raise ValueError(f"{encoding} needs an (H, W) array, got shape {image.shape}")
+    if spec.channels > 1:
+        if image.ndim != 3 or image.shape[2] not in (3, spec.channels):
+            raise ValueError(f"{encoding} needs an (H, W, 3) RGB array, got shape {image.shape}")
+        if image.shape[2] < spec.channels:
+            opaque = np.full(image.shape[:2] + (1,), np.iinfo(dtype).max, dtype)
+            image = np.concatenate([image.astype(dtype, copy=False), opaque], axis=2)
+        if spec.order == "bgr":
+            image = image[..., [2, 1, 0, 3][: spec.channels]]
+    data, stored = message_array(image.shape, dtype.newbyteorder(">" if bigendian else "<"))
+    stored[...] = image
+    height, width = stored.shape[:2]
+    return {
+        "height": height,
+        "width": width,
+        "encoding": encoding,
+        "is_bigendian": int(bigendian),
+        "step": width * spec.channels * dtype.itemsize,
+        "data": data,
+    }
+
+
+def depth_to_image_msg(depth: np.ndarray, header: Any) -> Any:
+    """sensor_msgs/Image 32FC1 from depth: (H, W) metres (NaN invalid, +-Inf out of range, REP 117), header as given."""
+    from sensor_msgs.msg import Image
+
+    depth = np.asarray(depth)
+    if depth.ndim != 2:
+        raise ValueError(f"depth must be (H, W), got shape {depth.shape}")
+    return new_message(Image, header=header, **numpy_to_image_fields(depth, "32FC1"))
+
+
+def camera_info_to_P(msg: Any) -> np.ndarray:
+    """The (3, 4) float64 projection matrix of a CameraInfo; [K | 0] when P is all zeros (uncalibrated drivers)."""
+    projection = np.asarray(msg.p, dtype=np.float64)
+    if projection.size != 12:
+        raise ValueError(f"CameraInfo.p must have 12 values, got {projection.size}")
+    projection = projection.reshape(3, 4)
+    if not projection.any():
+        intrinsics = np.asarray(msg.k, dtype=np.float64).reshape(3, 3)
+        projection = np.concatenate([intrinsics, np.zeros((3, 1))], axis=1)
+    return projection
+
+
+def validate_camera_info(msg: Any) -> None:
+    """Raise ValueError unless the CameraInfo has a positive size and finite K/P with positive focal lengths."""
+    if int(msg.width) <= 0 or int(msg.height) <= 0:
+        raise ValueError(f"CameraInfo has zero size ({msg.width}x{msg.height})")
+    projection = camera_info_to_P(msg)
+    if not (np.isfinite(projection).all() and np.isfinite(np.asarray(msg.k, dtype=np.float64)).all()):
+        raise ValueError("CameraInfo K or P contains NaN/Inf")
+    fx, fy = projection[0, 0], projection[1, 1]
+    if fx <= 0 or fy <= 0:
+        raise ValueError(f"CameraInfo focal lengths must be positive, got fx={fx}, fy={fy}")
+
+
+def copy_camera_info(msg: Any) -> Any:
+    """An independent copy of a CameraInfo (same message type), safe to edit without touching the original."""
+    return copy.deepcopy(msg)
+
+
+def scale_camera_info(msg: Any, new_width: int, new_height: int) -> Any:
+    """A copy of a CameraInfo describing the image resized to new_width x new_height.
+
+    Convention: pixel centres at integer coordinates, resizing maps pixel edges to edges (as cv2.resize does), so
+    u' = (u + 0.5) * sx - 0.5 with sx = new_width / width (same for v). K and P are pre-multiplied by that pixel
+    map: fx' = fx * sx, cx' = (cx + 0.5) * sx - 0.5, P's Tx' = Tx * sx, and likewise fy, cy, Ty with sy (exact
+    also for a P with P[2, 3] != 0 such as KITTI's P_rect, where Tx gains 0.5 * (sx - 1) * P[2, 3]).
+    An all-zero P is filled from K. Binning and ROI are reset: the new K and P describe the published image.
+    """
+    validate_camera_info(msg)
+    if new_width <= 0 or new_height <= 0:
+        raise ValueError(f"cannot scale CameraInfo to {new_width}x{new_height}")
+    sx, sy = new_width / int(msg.width), new_height / int(msg.height)
+    pixel_map = np.array([[sx, 0.0, 0.5 * (sx - 1.0)], [0.0, sy, 0.5 * (sy - 1.0)], [0.0, 0.0, 1.0]])
+    scaled = copy_camera_info(msg)
+    scaled.width, scaled.height = int(new_width), int(new_height)
+    scaled.k = (pixel_map @ np.asarray(msg.k, dtype=np.float64).reshape(3, 3)).reshape(-1)
+    scaled.p = (pixel_map @ camera_info_to_P(msg)).reshape(-1)
+    scaled.binning_x = scaled.binning_y = 0
+    scaled.roi.x_offset = scaled.roi.y_offset = scaled.roi.width = scaled.roi.height = 0
+    return scaled
