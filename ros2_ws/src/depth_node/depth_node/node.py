@@ -22,30 +22,8 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from depth_node import conversions
 from depth_node.engine import ModelLoadError, open_engine
 from depth_node.geometry import make_pointcloud2
+from depth_node.params import PARAMETERS
 from depth_node.pipeline import DepthPipeline, PipelineOptions
-
-# name -> (default, description). Declared once; README's parameter table mirrors this.
-PARAMETERS: dict[str, tuple[object, str]] = {
-    "model": ("", "path to the exported model (.onnx, or a TensorRT .engine)"),
-    "backend": ("auto", "auto | onnxruntime | tensorrt (auto: TensorRT > ORT-CUDA > ORT-CPU)"),
-    "device": (0, "CUDA device index for GPU backends"),
-    "threads": (0, "CPU inference threads (0: ONNX Runtime default)"),
-    "image_transport": ("raw", "raw (subscribe `image`) | compressed (subscribe `image/compressed`)"),
-    "publish_points": (True, "publish the organised point cloud on `points`"),
-    "points_stride": (1, "keep every n-th row/column in `points`"),
-    "colorize_points": (False, "add PCL-packed rgb to `points`"),
-    "min_depth": (0.0, "metres; closer is published as -Inf (0: the model's minimum)"),
-    "max_depth": (0.0, "metres; farther is published as +Inf (0: the model's maximum)"),
-    "use_lidar": (False, "subscribe `lidar` (PointCloud2) for metric alignment/completion"),
-    "lidar_to_camera": ([1.0, 0, 0, 0, 0, 1.0, 0, 0, 0, 0, 1.0, 0, 0, 0, 0, 1.0], "4x4 row-major LiDAR->camera"),
-    "lidar_max_dt": (0.05, "seconds; max stamp difference when pairing a cloud with an image"),
-    "lazy": (True, "skip inference while nobody subscribes to any output"),
-    "sub_reliability": ("best_effort", "input QoS reliability: best_effort | reliable"),
-    "sub_depth": (1, "input QoS queue depth (keep last)"),
-    "pub_reliability": ("reliable", "output QoS reliability: reliable | best_effort"),
-    "pub_depth": (2, "output QoS queue depth (keep last)"),
-    "diagnostics_period": (1.0, "seconds between `diagnostics` messages"),
-}
 
 
 def make_qos(reliability: str, depth: int) -> QoSProfile:
@@ -77,14 +55,7 @@ class DepthNode(Node):
         if not p["model"]:
             raise ModelLoadError("parameter 'model' is empty: pass -p model:=/path/to/model.onnx")
         engine = open_engine(p["model"], backend=p["backend"], device=int(p["device"]), threads=int(p["threads"]))
-        options = PipelineOptions(
-            min_depth=float(p["min_depth"]),
-            max_depth=float(p["max_depth"]),
-            publish_points=bool(p["publish_points"]),
-            points_stride=int(p["points_stride"]),
-            colorize_points=bool(p["colorize_points"]),
-        )
-        self.pipeline = DepthPipeline(engine, options)
+        self.pipeline = DepthPipeline(engine, PipelineOptions.from_params(p))
         self.counters = Counters()
         self.stage_ms: dict[str, float] = {}
         self.camera_info: CameraInfo | None = None

@@ -32,6 +32,17 @@ class PipelineOptions:
     points_stride: int = 1
     colorize_points: bool = False
 
+    @classmethod
+    def from_params(cls, params: dict) -> PipelineOptions:
+        """From the node's parameter values (see depth_node.params.PARAMETERS)."""
+        return cls(
+            min_depth=float(params["min_depth"]),
+            max_depth=float(params["max_depth"]),
+            publish_points=bool(params["publish_points"]),
+            points_stride=int(params["points_stride"]),
+            colorize_points=bool(params["colorize_points"]),
+        )
+
 
 @dataclass
 class FrameResult:
