@@ -16,6 +16,7 @@ and `build_dataset`, the one entry point the training and evaluation code use.
 from __future__ import annotations
 
 import difflib
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,8 @@ from distill.errors import UserError
 if TYPE_CHECKING:
     import torch
     from torch.utils.data import Dataset
+
+log = logging.getLogger(__name__)
 
 KINDS = ("kitti", "nyu", "bag")
 DEFAULT_DEPTH_RANGE = {"kitti": (1e-3, 80.0), "nyu": (1e-3, 10.0), "bag": (1e-3, 80.0)}
@@ -99,13 +102,28 @@ def _depth_tensor(depth: np.ndarray | None, depth_range: tuple[float, float], he
     return torch.from_numpy(np.where(keep, depth, np.float32(0.0))[None].astype(np.float32))
 
 
+def _depth_range(cfg: Mapping[str, Any], kind: str) -> tuple[float, float]:
+    """(min_depth, max_depth) metres from cfg, None or absent meaning the kind's default."""
+    bounds = []
+    for key, default in zip(("min_depth", "max_depth"), DEFAULT_DEPTH_RANGE[kind]):
+        value = cfg.get(key)
+        try:
+            bounds.append(default if value is None else float(value))
+        except (TypeError, ValueError):
+            raise UserError(f"data.{key} must be a number of metres, got {value!r}") from None
+    if not 0 <= bounds[0] < bounds[1]:
+        raise UserError(f"data.min_depth ({bounds[0]}) must be >= 0 and below data.max_depth ({bounds[1]})")
+    return bounds[0], bounds[1]
+
+
 def build_dataset(cfg: Mapping[str, Any], split: str, augment: bool) -> Dataset:
     """Build the dataset a config describes.
 
     Keys of `cfg` (all but `kind` and its source optional):
         kind: "kitti" | "nyu" | "bag".
         root: dataset folder (kitti, nyu). KITTI defaults below it: raw data in `root/kitti_raw`, annotated depth in
-            `root/data_depth_annotated`, split files `root/splits/{train,val,test}.txt` (Eigen format).
+            `root/data_depth_annotated`, split files `root/splits/{train,val,test}.txt` (Eigen format); without a
+            split file every image_02 frame under the raw folder is used (a warning says so).
         raw_root, gt_root, split_dir: KITTI overrides of those three folders.
         gt: KITTI ground truth, "annotated" (default; official `proj_depth/groundtruth` PNGs, frames without one are
             skipped) or "velodyne" (the raw scan projected with the calib files).
@@ -131,15 +149,14 @@ def build_dataset(cfg: Mapping[str, Any], split: str, augment: bool) -> Dataset:
         close = difflib.get_close_matches(str(kind), KINDS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise UserError(f"data.kind must be one of {', '.join(KINDS)}, got {kind!r}{hint}")
-    default_min, default_max = DEFAULT_DEPTH_RANGE[kind]
-    depth_range = (float(cfg.get("min_depth", default_min)), float(cfg.get("max_depth", default_max)))
-    transform = training_transform(size=cfg.get("size"), crop=cfg.get("crop"), augment=augment)
+    depth_range = _depth_range(cfg, kind)
+    transform = training_transform(cfg.get("size"), cfg.get("crop"), augment=augment)
     if kind == "bag":
         from distill.data.rosbag import DEFAULT_TOPICS, BagDataset
 
         if not cfg.get("bags"):
             raise UserError("data.bags must list at least one rosbag path for kind 'bag'")
-        topics = {key: cfg.get(key, default) for key, default in DEFAULT_TOPICS.items()}
+        topics = {key: cfg.get(key, default) for key, default in DEFAULT_TOPICS.items()}  # lidar_topic None = none
         return BagDataset(
             cfg["bags"], **topics, lidar_extrinsic=cfg.get("lidar_extrinsic"), depth_range=depth_range,
             transform=transform,
@@ -153,11 +170,15 @@ def build_dataset(cfg: Mapping[str, Any], split: str, augment: bool) -> Dataset:
         return NyuDataset(root, split=split, depth_range=depth_range, transform=transform)
     from distill.data.kitti import KittiDataset
 
-    split_dir = Path(cfg.get("split_dir") or root / "splits")
+    raw_root = Path(cfg.get("raw_root") or root / "kitti_raw")
+    split_file = Path(cfg.get("split_dir") or root / "splits") / f"{split}.txt"
+    if not cfg.get("split_dir") and not split_file.is_file():
+        log.warning("KITTI: no split file %s, using every image_02 frame under %s for %r", split_file, raw_root, split)
+        split_file = None
     return KittiDataset(
-        raw_root=Path(cfg.get("raw_root") or root / "kitti_raw"),
-        split_file=split_dir / f"{split}.txt",
-        gt=cfg.get("gt", "annotated"),
+        raw_root=raw_root,
+        split_file=split_file,
+        gt=cfg.get("gt") or "annotated",
         gt_root=Path(cfg.get("gt_root") or root / "data_depth_annotated"),
         kb_crop=bool(cfg.get("kb_crop", False)),
         depth_range=depth_range,

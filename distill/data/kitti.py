@@ -1,0 +1,247 @@
+"""KITTI raw in its published layout, Eigen split files, with either ground-truth source.
+
+Layout (real KITTI and our synthetic world alike):
+    raw_root/<date>/calib_cam_to_cam.txt, calib_velo_to_cam.txt
+    raw_root/<date>/<date>_drive_XXXX_sync/image_02/data/%010d.png         (image_03 for the right camera)
+    raw_root/<date>/<date>_drive_XXXX_sync/velodyne_points/data/%010d.bin  (N x 4 float32: x, y, z, reflectance)
+    gt_root/{train,val}/<date>_drive_XXXX_sync/proj_depth/groundtruth/image_02/%010d.png  (uint16, m = value / 256)
+    split file lines: "<date>/<date>_drive_XXXX_sync <frame> l|r"   (Eigen format; l = image_02, r = image_03)
+
+Ground truth "velodyne" projects the scan as in methods.md §8 (R_rect_00 [R|T] then P_rect_0<cam>, nearest point per
+pixel); "annotated" reads the official depth-completion PNGs (Uhrig et al. 3DV 2017). The KB crop (Kuznietsov et al.,
+used by BTS/AdaBins) keeps the bottom-centred 352x1216 window: top = H - 352, left = (W - 1216) // 2.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from depth_node.geometry import points_to_depth_image, transform_points
+from distill.data import make_sample, read_depth_png, read_rgb
+from distill.data.transforms import crop
+from distill.errors import UserError
+
+log = logging.getLogger(__name__)
+
+KB_CROP = (352, 1216)
+GT_METRES_PER_UNIT = 1.0 / 256.0
+CALIB_FILES = ("calib_cam_to_cam.txt", "calib_velo_to_cam.txt")
+SIDES = {"l": 2, "r": 3}
+
+
+def read_calib_file(path: Path) -> dict[str, np.ndarray]:
+    """Numeric entries of one KITTI calib file ("KEY: v1 v2 ..."), flat float64; text entries (calib_time) skipped."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as error:
+        raise UserError(f"cannot read KITTI calib file {path}: {error.strerror}") from None
+    entries = {}
+    for line in lines:
+        key, sep, values = line.partition(":")
+        if not sep:
+            continue
+        try:
+            entries[key.strip()] = np.array([float(value) for value in values.split()])
+        except ValueError:
+            continue
+    return entries
+
+
+def read_calib(calib_dir: Path) -> dict[str, np.ndarray]:
+    """Both calib files of a recording day, keyed as in the files (S_rect_02, R_rect_00, P_rect_02, ..., R, T)."""
+    calib: dict[str, np.ndarray] = {}
+    for name in CALIB_FILES:
+        calib.update(read_calib_file(Path(calib_dir) / name))
+    sizes = {"R": 9, "T": 3, "R_rect_00": 9}
+    if missing := [key for key, size in sizes.items() if key not in calib or calib[key].size != size]:
+        raise UserError(f"KITTI calib in {calib_dir} lacks or has malformed entries: {', '.join(missing)}")
+    return calib
+
+
+def camera_projection(calib: Mapping[str, np.ndarray], cam: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """P_rect_0<cam> as (3, 4) and the rectified image size (H, W) from S_rect_0<cam>."""
+    projection, size = calib.get(f"P_rect_0{cam}"), calib.get(f"S_rect_0{cam}")
+    if projection is None or projection.size != 12 or size is None or size.size != 2:
+        raise UserError(f"KITTI calib_cam_to_cam.txt lacks a valid P_rect_0{cam} / S_rect_0{cam} entry")
+    width, height = (int(round(value)) for value in size)
+    return projection.reshape(3, 4), (height, width)
+
+
+def velodyne_to_rectified(calib: Mapping[str, np.ndarray]) -> np.ndarray:
+    """4x4 taking Velodyne points into the rectified reference camera: R_rect_00 @ [R | T]."""
+    velo_to_cam = np.eye(4)
+    velo_to_cam[:3, :3] = calib["R"].reshape(3, 3)
+    velo_to_cam[:3, 3] = calib["T"]
+    rectify = np.eye(4)
+    rectify[:3, :3] = calib["R_rect_00"].reshape(3, 3)
+    return rectify @ velo_to_cam
+
+
+def read_velodyne(path: Path) -> np.ndarray:
+    """A Velodyne scan .bin: (N, 4) float32 x, y, z (metres, Velodyne frame), reflectance."""
+    path = Path(path)
+    try:
+        raw = np.fromfile(path, dtype=np.float32)
+    except OSError as error:
+        raise UserError(f"cannot read Velodyne scan {path}: {error.strerror}") from None
+    if raw.size % 4:
+        raise UserError(f"Velodyne scan {path} is truncated: {raw.size * 4} bytes is not a multiple of 16")
+    return raw.reshape(-1, 4)
+
+
+def project_scan(scan: np.ndarray, calib: Mapping[str, np.ndarray], cam: int = 2) -> np.ndarray:
+    """Sparse depth of a scan in camera `cam` from already-read calib (see `project_velodyne`)."""
+    projection, (height, width) = camera_projection(calib, cam)
+    points = transform_points(velodyne_to_rectified(calib), scan[:, :3])
+    return points_to_depth_image(points, projection, height, width)
+
+
+def project_velodyne(scan: np.ndarray, calib_dir: Path, cam: int = 2) -> np.ndarray:
+    """Project a Velodyne scan into rectified camera `cam` (methods.md §8).
+
+    Args:
+        scan: (N, 4) float32 as read from a .bin (x, y, z metres in the Velodyne frame, reflectance).
+        calib_dir: folder holding calib_cam_to_cam.txt and calib_velo_to_cam.txt.
+        cam: camera index, 2 = left colour, 3 = right colour.
+
+    Returns:
+        (H, W) float32 metres along the optical axis, H and W from S_rect_0<cam>; 0 where no point landed, the
+        nearest point kept per pixel.
+    """
+    return project_scan(scan, read_calib(Path(calib_dir)), cam)
+
+
+def read_split(path: Path) -> list[tuple[str, int, int]]:
+    """Eigen-format split file -> [(drive "<date>/<date>_drive_XXXX_sync", frame index, camera 2 or 3)]."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as error:
+        raise UserError(f"cannot read KITTI split file {path}: {error.strerror}") from None
+    frames = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 3 or not parts[1].isdigit() or parts[2] not in SIDES or len(Path(parts[0]).parts) != 2:
+            raise UserError(f"{path}:{number}: expected '<date>/<date>_drive_XXXX_sync <frame> l|r', got {line!r}")
+        frames.append((parts[0], int(parts[1]), SIDES[parts[2]]))
+    return frames
+
+
+def list_frames(raw_root: Path, cam: int = 2) -> list[tuple[str, int, int]]:
+    """Every frame of camera `cam` under raw_root, as split entries (for data that comes without split files)."""
+    images = sorted(Path(raw_root).glob(f"*/*_sync/image_0{cam}/data/*.png"))
+    return [(f"{image.parents[3].name}/{image.parents[2].name}", int(image.stem), cam) for image in images]
+
+
+def annotated_gt_path(gt_root: Path, drive: str, frame: int, cam: int) -> Path | None:
+    """The official depth-completion ground truth of a frame (train or val folder), or None if it has none."""
+    relative = Path(Path(drive).name, "proj_depth", "groundtruth", f"image_0{cam}", f"{frame:010d}.png")
+    for subset in ("train", "val"):
+        if (candidate := gt_root / subset / relative).is_file():
+            return candidate
+    return None
+
+
+def apply_kb_crop(sample: dict[str, Any]) -> dict[str, Any]:
+    """Bottom-centred 352x1216 crop (KB/BTS convention), intrinsics adjusted."""
+    height, width = sample["image"].shape[-2:]
+    crop_height, crop_width = KB_CROP
+    if height < crop_height or width < crop_width:
+        name = sample["meta"]["name"]
+        raise UserError(f"KB crop needs at least {crop_height}x{crop_width} pixels, {name} is {height}x{width}")
+    top, left = height - crop_height, (width - crop_width) // 2
+    sample = crop(sample, top, left, crop_height, crop_width)
+    sample["meta"].update(crop_top=top, crop_left=left)
+    return sample
+
+
+class KittiDataset(Dataset):
+    """KITTI raw frames of an Eigen split (or, with split_file None, every image_02 frame under raw_root) with
+    annotated or projected-Velodyne depth.
+
+    meta: name "<drive>/image_0<cam>/<frame>", drive, frame, cam, orig_height, orig_width (before any crop),
+    crop_top, crop_left (offset of the KB crop in the original image, 0 without it).
+    """
+
+    def __init__(
+        self,
+        raw_root: Path,
+        split_file: Path | None,
+        gt: str = "annotated",
+        gt_root: Path | None = None,
+        kb_crop: bool = False,
+        depth_range: tuple[float, float] = (1e-3, 80.0),
+        transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ):
+        if gt not in ("annotated", "velodyne"):
+            raise UserError(f"KITTI gt must be 'annotated' or 'velodyne', got {gt!r}")
+        if gt == "annotated" and (gt_root is None or not Path(gt_root).is_dir()):
+            raise UserError(f"KITTI gt 'annotated' needs gt_root, the data_depth_annotated folder; got {gt_root}")
+        self.raw_root, self.gt, self.kb_crop = Path(raw_root), gt, kb_crop
+        self.depth_range, self.transform = depth_range, transform
+        self._calib: dict[Path, dict[str, np.ndarray]] = {}
+        split = read_split(split_file) if split_file else list_frames(self.raw_root)
+        self.frames = self._index(split, Path(gt_root) if gt_root else None, split_file or self.raw_root)
+
+    def _index(self, split: list[tuple[str, int, int]], gt_root: Path | None, source: Path) -> list[tuple]:
+        """Keep frames with ground truth; every kept frame's image (and scan) must exist."""
+        frames, missing = [], []
+        for drive, frame, cam in split:
+            drive_dir = self.raw_root / drive
+            image = drive_dir / f"image_0{cam}" / "data" / f"{frame:010d}.png"
+            if self.gt == "annotated":
+                depth = annotated_gt_path(gt_root, drive, frame, cam)
+                if depth is None:
+                    continue
+            else:
+                depth = drive_dir / "velodyne_points" / "data" / f"{frame:010d}.bin"
+            missing += [path for path in (image, depth) if not path.is_file()]
+            frames.append((drive, frame, cam, image, depth))
+        if missing:
+            raise UserError(f"{len(missing)} file(s) listed by {source} are missing, first: {missing[0]}")
+        if skipped := len(split) - len(frames):
+            log.warning("KITTI: skipped %d of %d frames of %s without annotated depth", skipped, len(split), source)
+        if not frames:
+            raise UserError(f"no usable frames in {source} (raw_root {self.raw_root}, gt_root {gt_root})")
+        return frames
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def calib(self, drive: str) -> dict[str, np.ndarray]:
+        """Calibration of the recording day of `drive`, read once."""
+        calib_dir = self.raw_root / Path(drive).parent
+        if calib_dir not in self._calib:
+            self._calib[calib_dir] = read_calib(calib_dir)
+        return self._calib[calib_dir]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        drive, frame, cam, image_path, depth_path = self.frames[index]
+        image = read_rgb(image_path)
+        calib = self.calib(drive)
+        projection, calib_size = camera_projection(calib, cam)
+        if self.gt == "annotated":
+            depth = read_depth_png(depth_path, GT_METRES_PER_UNIT)
+        else:
+            depth = project_scan(read_velodyne(depth_path), calib, cam)
+        for path, shape in ((image_path, image.shape[:2]), (depth_path, depth.shape)):
+            if shape != calib_size:
+                expected = f"{calib_size[0]}x{calib_size[1]}"
+                raise UserError(f"{path} is {shape[0]}x{shape[1]} pixels but S_rect_0{cam} says {expected}")
+        height, width = calib_size
+        meta = {
+            "name": f"{Path(drive).name}/image_0{cam}/{frame:010d}",
+            "drive": Path(drive).name, "frame": frame, "cam": cam,
+            "orig_height": height, "orig_width": width, "crop_top": 0, "crop_left": 0,
+        }  # fmt: skip
+        sample = make_sample(image, depth, projection[:, :3], meta, self.depth_range)
+        if self.kb_crop:
+            sample = apply_kb_crop(sample)
+        return self.transform(sample) if self.transform else sample
