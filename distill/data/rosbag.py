@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import logging
 import os
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from depth_node.conversions import camera_info_to_P, compressed_to_numpy, to_rgb, validate_camera_info
-from depth_node.geometry import lidar_to_depth, pointcloud2_to_xyz
+from depth_node.geometry import lidar_to_depth, lookup_transform, pointcloud2_to_xyz, transform_to_matrix
 from distill.data import make_sample
 from distill.errors import UserError
 
@@ -45,41 +45,6 @@ EXPECTED_TYPES = {
     "lidar": ("sensor_msgs/PointCloud2",),
 }
 BAG_ERRORS = (AnyReaderError, Ros1ReaderError, Ros2ReaderError, OSError)
-
-
-def transform_to_matrix(transform: Any) -> np.ndarray:
-    """geometry_msgs/Transform (translation, unit quaternion rotation) as a 4x4 float64 matrix."""
-    t, q = transform.translation, transform.rotation
-    x, y, z, w = np.array([q.x, q.y, q.z, q.w]) / np.linalg.norm([q.x, q.y, q.z, q.w])
-    matrix = np.eye(4)
-    matrix[:3, :3] = [
-        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
-    ]
-    matrix[:3, 3] = [t.x, t.y, t.z]
-    return matrix
-
-
-def lookup_transform(edges: dict[tuple[str, str], np.ndarray], target: str, source: str) -> np.ndarray | None:
-    """4x4 taking points from frame `source` into frame `target` through a static TF tree, or None if unconnected.
-
-    Args:
-        edges: (parent, child) -> 4x4 pose of child in parent (maps child coordinates into the parent frame).
-    """
-    neighbours: dict[str, list[tuple[str, np.ndarray]]] = defaultdict(list)
-    for (parent, child), pose in edges.items():
-        neighbours[child].append((parent, pose))
-        neighbours[parent].append((child, np.linalg.inv(pose)))
-    chains = {source: np.eye(4)}
-    frontier = [source]
-    while frontier:
-        frame = frontier.pop()
-        for other, step in neighbours[frame]:
-            if other not in chains:
-                chains[other] = step @ chains[frame]
-                frontier.append(other)
-    return chains.get(target)
 
 
 def _ros2_camera_info(msg: Any) -> Any:

@@ -9,6 +9,7 @@ Only make_pointcloud2 touches ROS (it imports sensor_msgs lazily); nothing here 
 from __future__ import annotations
 
 import array
+from collections import defaultdict
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -56,6 +57,27 @@ def transform_to_matrix(transform: Any) -> np.ndarray:
     ]
     matrix[:3, 3] = [t.x, t.y, t.z]
     return matrix
+
+
+def lookup_transform(edges: dict[tuple[str, str], np.ndarray], target: str, source: str) -> np.ndarray | None:
+    """4x4 taking points from frame `source` into frame `target` through a static TF tree, or None if unconnected.
+
+    Args:
+        edges: (parent, child) -> 4x4 pose of child in parent (maps child coordinates into the parent frame).
+    """
+    neighbours: dict[str, list[tuple[str, np.ndarray]]] = defaultdict(list)
+    for (parent, child), pose in edges.items():
+        neighbours[child].append((parent, pose))
+        neighbours[parent].append((child, np.linalg.inv(pose)))
+    chains = {source: np.eye(4)}
+    frontier = [source]
+    while frontier:
+        frame = frontier.pop()
+        for other, step in neighbours[frame]:
+            if other not in chains:
+                chains[other] = step @ chains[frame]
+                frontier.append(other)
+    return chains.get(target)
 
 
 def project_points(points_cam: np.ndarray, projection: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
