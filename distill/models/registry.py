@@ -70,7 +70,8 @@ def create_timm_model(name: str, *, weights: str | Path | None = None, **kwargs:
     embeddings are resized to `img_size` and `features_only` wrapping happens after loading. Nothing is downloaded.
 
     Raises:
-        UserError: unknown timm name (with close matches) or a weights file that does not exist.
+        UserError: unknown timm name (with close matches), a weights file that does not exist, or one timm cannot
+            load (wrong architecture, corrupt, or an unsafe pickle).
     """
     if not timm.is_model(name):
         raise UserError(f"unknown timm model {name!r}{did_you_mean(name, timm.list_models())}")
@@ -79,7 +80,10 @@ def create_timm_model(name: str, *, weights: str | Path | None = None, **kwargs:
     path = Path(weights).expanduser()
     if not path.is_file():
         raise UserError(f"encoder weights file does not exist: {path}")
-    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+    try:  # timm loads with weights_only=True: a pickle with code in it fails here instead of running
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+    except (RuntimeError, ValueError, KeyError, OSError) as error:
+        raise UserError(f"cannot load {name} weights from {path}: {str(error).splitlines()[0]}") from None
 
 
 def timm_normalisation(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
