@@ -1,0 +1,376 @@
+"""Typed run configuration: config/default.yaml, overridden by an experiment YAML, overridden by `key=value`.
+
+`config/default.yaml` is the single source of defaults (every key commented there); the pydantic models below give
+the types and reject unknown keys with a close-match suggestion. Every mistake becomes a one-line `UserError`
+naming the dotted key (`train.stpes: unknown key, did you mean train.steps?`).
+
+Adding a distillation method `foo`:
+    1. write `class FooKD(Section)` with its typed fields below and add `foo: FooKD | None = None` to `KDConfig`;
+    2. add a commented `foo:` block under `kd:` in config/default.yaml (its defaults);
+    3. implement `distill/kd/foo.py` with `build_method(cfg, student, device) -> distill.trainer.Method`.
+    `kd.method: foo` then selects it; `kd.method` accepts "none" and every field name of `KDConfig`.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from distill.errors import UserError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "config" / "default.yaml"
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors; no defaults here (they live in config/default.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunConfig(Section):
+    name: str
+    out_dir: Path
+    seed: int
+    device: Literal["auto", "cpu", "cuda"]
+    resume: bool
+    tensorboard: bool
+
+
+class DataConfig(Section):
+    kind: Literal["kitti", "nyu", "bag"]
+    root: Path | None
+    raw_root: Path | None
+    gt_root: Path | None
+    split_dir: Path | None
+    gt: Literal["annotated", "velodyne"]
+    size: tuple[int, int] | None
+    kb_crop: bool
+    bags: list[Path]
+    image_topic: str
+    camera_info_topic: str
+    lidar_topic: str | None
+    crop: tuple[int, int] | None
+    lidar_extrinsic: list[list[float]] | None
+    min_depth: float | None
+    max_depth: float | None
+    batch_size: int
+    num_workers: int
+    train_split: str
+    val_split: str | None
+    test_split: str
+
+
+class ModelConfig(Section):
+    kind: Literal["student", "teacher"]
+    arch: str
+    spec: str
+    bins: int
+    min_depth: float | None
+    max_depth: float | None
+    lgconv: bool
+    decoder_width: int
+    output_stride: Literal[2, 4]
+    encoder_weights: Path | None
+    weights: Path | None
+
+
+class TrainConfig(Section):
+    steps: int | None
+    epochs: int | None
+    lr: float
+    lr_end: float
+    warmup_steps: int
+    weight_decay: float
+    betas: tuple[float, float]
+    grad_clip: float | None
+    amp: Literal["none", "bf16", "fp16"]
+    silog_alpha: float
+    silog_lambda: float
+    chamfer_weight: float
+    val_every: int
+    log_every: int
+    ckpt_every: int
+    best_metric: Literal["abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog", "d1", "d2", "d3"]
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainConfig:
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of train.steps and train.epochs (the other to null)")
+        return self
+
+
+class DisDepthKD(Section):
+    """`kd.disdepth`: DisDepth cross-architecture KD (distill/kd/disdepth.py, methods.md §3)."""
+
+    weight: float
+    warmup_fraction: float
+    fam: bool
+    lam: bool
+    ghost_weight: float
+    fam_head_dim: int
+    lam_dim: int
+
+    @model_validator(mode="after")
+    def _lam_needs_fam(self) -> DisDepthKD:
+        if self.lam and not self.fam:
+            raise ValueError("lam: true needs fam: true (the LAM is trained through the ghost decoder)")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        return self
+
+
+class TIEKD(Section):
+    """`kd.tiekd`: TIE-KD through Depth Probability Maps (distill/kd/tiekd.py, methods.md §4)."""
+
+    sigma: Annotated[float, Field(gt=0)]
+    alpha: Annotated[float, Field(ge=0, le=1)]
+    weight: Annotated[float, Field(ge=0)]
+    ignore_top: Annotated[float, Field(ge=0, lt=1)]
+    align_to: Literal["student", "gt"]
+
+
+class ResponseKD(Section):
+    """`kd.response`: response-KD baselines (distill/kd/response.py, methods.md §6)."""
+
+    loss: Literal["ssim", "mse", "si", "ssim_si", "ssim_mse"]
+    gt_weight: Annotated[float, Field(ge=0)]
+    ignore_top: Annotated[float, Field(ge=0, lt=1)]
+    align_to: Literal["student", "gt"]
+
+
+class GTFillKD(Section):
+    """`kd.gtfill`: ground truth densified by the teacher's depth (distill/kd/gtfill.py, methods.md §6)."""
+
+    ignore_top: Annotated[float, Field(ge=0, lt=1)]
+
+
+class LabelFreeKD(Section):
+    """`kd.labelfree`: label-free channel-wise + geometric KD (distill/kd/labelfree.py, methods.md §5)."""
+
+    tau: Annotated[float, Field(gt=0)]
+    channel_weight: Annotated[float, Field(ge=0)]
+    geometric_weight: Annotated[float, Field(ge=0)]
+    points: Annotated[int, Field(ge=1)]
+    pointnet_weights: Path | None
+    pointnet_seed: int
+
+
+class KDConfig(Section):
+    """`method` names the distillation method; each method adds its own typed sub-section as a field here."""
+
+    method: str
+    disdepth: DisDepthKD | None = None
+    tiekd: TIEKD | None = None
+    response: ResponseKD | None = None
+    gtfill: GTFillKD | None = None
+    labelfree: LabelFreeKD | None = None
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method: str) -> str:
+        choices = ["none", *(name for name in cls.model_fields if name != "method")]
+        if method not in choices:
+            raise ValueError(f"unknown method {method!r}{_suggest(method, choices)}; choices: {', '.join(choices)}")
+        return method
+
+
+class TeacherConfig(Section):
+    spec: str | None
+    weights: Path | None
+
+
+class EvalConfig(Section):
+    crop: Literal["garg", "eigen", "nyu", "none"] | None
+    align: Literal["none", "median", "lsq"]
+
+
+class Config(Section):
+    run: RunConfig
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    kd: KDConfig
+    teacher: TeacherConfig
+    eval: EvalConfig
+
+
+def load_config(path: Path | str | None, overrides: Sequence[str] = (), check_paths: bool = True) -> Config:
+    """Resolve a run's configuration.
+
+    Args:
+        path: experiment YAML overriding config/default.yaml, or None for the defaults alone.
+        overrides: `dotted.key=value` strings (value parsed as YAML); a bare key unique to one section
+            (`resume=true`) is accepted too.
+        check_paths: also require every configured data/weights path to exist.
+
+    Raises:
+        UserError: unreadable YAML, unknown key, wrong type or missing path; the message names the key.
+    """
+    raw = read_yaml(DEFAULT_CONFIG)
+    if path is not None:
+        raw = deep_merge(raw, read_yaml(Path(path)))
+    for text in overrides:
+        raw = deep_merge(raw, parse_override(text, raw))
+    config = validate(raw)
+    fill_depth_ranges(config)
+    if check_paths:
+        check_paths_exist(config)
+    return config
+
+
+def read_yaml(path: Path) -> dict:
+    """A YAML mapping from a file (safe_load only); {} for an empty file."""
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise UserError(f"{path}: not valid YAML: {str(error).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of sections (run:, data:, ...), got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: Mapping, override: Mapping) -> dict:
+    """`base` updated recursively by `override` (mappings merge, anything else replaces); inputs unchanged."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def parse_override(text: str, current: Mapping) -> dict:
+    """`a.b=value` -> {"a": {"b": value}} with value parsed by yaml.safe_load (so `[1, 2]`, `null`, `true` work).
+
+    A bare key that exists in exactly one section of `current` is placed in that section.
+    """
+    key, sep, value_text = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UserError(f"override {text!r} must look like key=value (e.g. train.steps=100)")
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else None
+    except yaml.YAMLError:
+        raise UserError(f"override {key}: value {value_text!r} is not valid YAML") from None
+    parts = key.split(".")
+    if len(parts) == 1:
+        sections = [name for name, section in current.items() if isinstance(section, Mapping) and key in section]
+        if len(sections) > 1:
+            raise UserError(f"override {key!r} is ambiguous: use one of {[f'{s}.{key}' for s in sections]}")
+        parts = [sections[0], key] if sections else parts
+    for part in reversed(parts):
+        value = {part: value}
+    return value
+
+
+def validate(raw: Mapping) -> Config:
+    """Type-check a merged config dict; all problems reported on one line, each naming its dotted key."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as error:
+        raise UserError("config: " + "; ".join(_describe(item) for item in error.errors())) from None
+
+
+def _describe(item: Mapping[str, Any]) -> str:
+    """One pydantic error as `dotted.key: problem`."""
+    loc = [str(part) for part in item["loc"] if not isinstance(part, int)]
+    key = ".".join(loc)
+    if item["type"] == "extra_forbidden":
+        choices = [".".join([*loc[:-1], name]) for name in _fields_at(loc[:-1])]
+        return f"{key}: unknown key{_suggest(key, choices)}"
+    message = item["msg"].removeprefix("Value error, ")
+    if item["type"] == "missing":
+        return f"{key}: missing (every key needs a value; see config/default.yaml)"
+    got = item.get("input")
+    shown = f" (got {got!r})" if not isinstance(got, Mapping) and item["type"] != "value_error" else ""
+    return f"{key}: {message}{shown}" if key else message
+
+
+def _fields_at(loc: Sequence[str]) -> list[str]:
+    """Field names of the section model at a path of field names (Config itself for [])."""
+    model: type[BaseModel] = Config
+    for name in loc:
+        field = model.model_fields.get(name)
+        if field is None:
+            return []
+        candidates = [field.annotation, *get_args(field.annotation)]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            return []
+        model = nested[0]
+    return list(model.model_fields)
+
+
+def _suggest(word: str, choices: Sequence[str]) -> str:
+    """The text ", did you mean X?" naming the closest choice, or "" when none is close."""
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f", did you mean {match[0]}?" if match else ""
+
+
+def fill_depth_ranges(config: Config) -> None:
+    """Null depth bounds follow the dataset kind's range (data) and then the data's range (model)."""
+    from distill.data import DEFAULT_DEPTH_RANGE
+
+    low, high = DEFAULT_DEPTH_RANGE[config.data.kind]
+    data, model = config.data, config.model
+    data.min_depth = low if data.min_depth is None else data.min_depth
+    data.max_depth = high if data.max_depth is None else data.max_depth
+    model.min_depth = data.min_depth if model.min_depth is None else model.min_depth
+    model.max_depth = data.max_depth if model.max_depth is None else model.max_depth
+
+
+def data_dict(config: Config) -> dict[str, Any]:
+    """The data section as `distill.data.build_dataset` takes it (paths as strings)."""
+    return config.data.model_dump(mode="json")
+
+
+def changed_keys(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts (present in either)."""
+    changed = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b, dotted = old.get(key), new.get(key), f"{prefix}{key}"
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            changed += changed_keys(a, b, f"{dotted}.")
+        elif a != b:
+            changed.append(dotted)
+    return changed
+
+
+def check_paths_exist(config: Config) -> None:
+    """Every configured input path (any Path-typed key but run.out_dir) must exist; the error names key and path."""
+    for key, path in _paths(config.model_dump(), ""):
+        if key != "run.out_dir" and not path.exists():
+            raise UserError(f"{key}: path does not exist: {path}")
+
+
+def _paths(value: Any, key: str) -> Iterator[tuple[str, Path]]:
+    """(dotted key, path) of every Path inside a dumped config; list items are keyed `key[i]`."""
+    if isinstance(value, Path):
+        yield key, value
+    elif isinstance(value, Mapping):
+        for name, item in value.items():
+            yield from _paths(item, f"{key}.{name}" if key else name)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _paths(item, f"{key}[{index}]")
+
+
+def to_dict(config: Config) -> dict:
+    """Plain JSON/YAML-able dict of a config (paths as strings, tuples as lists)."""
+    return config.model_dump(mode="json")
+
+
+def save_config(config: Config, path: Path) -> None:
+    """Write the resolved config as YAML (re-loadable as an experiment file)."""
+    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

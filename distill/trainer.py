@@ -1,0 +1,373 @@
+"""The training loop: one `Method` (what is optimised and its loss terms) driven step by step, resumable exactly.
+
+A `Method` owns the model being trained (`student`, a student or a teacher) and whatever else a recipe trains or
+uses (KD heads, a frozen teacher). Its `forward(batch, step)` returns the model's output and a dict of named,
+already-weighted loss terms; the loop minimises their sum. Supervised training is `SupervisedMethod`; a KD method
+lives in `distill/kd/<name>.py` and is built by its `build_method(config, student, device)` (see distill.config).
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DistributedSampler
+from tqdm import tqdm
+
+from distill import checkpoint as ckpt
+from distill.config import Config, changed_keys, to_dict
+from distill.errors import UserError
+from distill.logging_utils import RunLogger
+from distill.losses import bins_chamfer_loss, silog_loss
+from distill.metrics import format_metrics_table
+from distill.models.base import DepthModel, DepthOutput
+
+Batch = dict[str, Any]
+
+
+class Method(nn.Module):
+    """What a training run optimises. Subclasses implement `loss`; KD methods add modules and a teacher.
+
+    Attributes:
+        student: the model being trained and checkpointed (model.safetensors).
+        find_unused_parameters: tell DDP that some trainable parameters may get no gradient at some steps
+            (e.g. KD heads before the distillation warm-up ends).
+        total_steps: optimiser steps of the whole run, set by the Trainer before training (for warm-ups given as
+            a fraction of training); None until then.
+    """
+
+    find_unused_parameters = False
+    total_steps: int | None = None
+
+    def __init__(self, student: DepthModel) -> None:
+        super().__init__()
+        self.student = student
+
+    def trainable_modules(self) -> list[nn.Module]:
+        """Modules whose parameters the optimiser updates (the student first); frozen teachers are not listed."""
+        return [self.student]
+
+    def loss(self, batch: Batch, out: DepthOutput, step: int) -> dict[str, torch.Tensor]:
+        """Named scalar loss terms, each already weighted; the optimised loss is their sum.
+
+        Args:
+            batch: collated samples on the device (image (B, 3, H, W) in [0, 1], depth/valid (B, 1, H, W), K, meta).
+            out: the student's output on batch["image"].
+            step: 0-based index of the optimiser step being taken (for warm-ups).
+        """
+        raise NotImplementedError
+
+    def forward(self, batch: Batch, step: int) -> tuple[DepthOutput, dict[str, torch.Tensor]]:
+        """The student's output and the loss terms (one call, so DDP sees every trainable parameter used)."""
+        out = self.student(self.student.normalize(batch["image"]))
+        return out, self.loss(batch, out, step)
+
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        """State of the trainable modules besides the student, saved in method.safetensors."""
+        tensors = {}
+        for name, module in self._extra_children():
+            tensors.update({f"{name}.{key}": value for key, value in module.state_dict().items()})
+        return tensors
+
+    def load_extra_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Inverse of `extra_tensors` (strict per module)."""
+        for name, module in self._extra_children():
+            prefix = f"{name}."
+            module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+    def _extra_children(self) -> Iterator[tuple[str, nn.Module]]:
+        trainable = self.trainable_modules()
+        for name, module in self.named_children():
+            if module is not self.student and any(module is t for t in trainable):
+                yield name, module
+
+
+class SupervisedMethod(Method):
+    """Task loss only (DisDepth §3.1): SILog on valid ground truth + weighted bins chamfer when the model has bins."""
+
+    def __init__(self, student: DepthModel, alpha: float, lam: float, chamfer_weight: float) -> None:
+        super().__init__(student)
+        self.alpha, self.lam, self.chamfer_weight = alpha, lam, chamfer_weight
+
+    def loss(self, batch: Batch, out: DepthOutput, step: int) -> dict[str, torch.Tensor]:
+        terms = {"silog": silog_loss(out.depth.float(), batch["depth"], batch["valid"], self.alpha, self.lam)}
+        if self.chamfer_weight > 0 and out.centers is not None:
+            chamfer = bins_chamfer_loss(out.centers.float(), batch["depth"], batch["valid"])
+            terms["chamfer"] = self.chamfer_weight * chamfer
+        return terms
+
+
+def build_method(config: Config, student: DepthModel, device: torch.device) -> Method:
+    """The Method named by `kd.method`: supervised for "none", else `distill.kd.<method>.build_method`."""
+    name = config.kd.method
+    if name == "none":
+        train = config.train
+        return SupervisedMethod(student, train.silog_alpha, train.silog_lambda, train.chamfer_weight)
+    try:
+        module = importlib.import_module(f"distill.kd.{name}")
+    except ModuleNotFoundError:
+        raise UserError(f"kd.method: {name!r} has a config section but no module distill/kd/{name}.py") from None
+    return module.build_method(config, student, device)
+
+
+def lr_at(step: int, total_steps: int, lr: float, lr_end: float, warmup_steps: int) -> float:
+    """Learning rate of 0-based step `step`: linear warm-up 0 → lr, then linear decay lr → lr_end at the last step."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    span = max(total_steps - warmup_steps - 1, 1)
+    progress = min((step - warmup_steps) / span, 1.0)
+    return lr + (lr_end - lr) * progress
+
+
+@dataclass
+class Progress:
+    """Where a run stands; saved in every checkpoint's state.json."""
+
+    step: int = 0  # optimiser steps done
+    best_value: float | None = None
+    best_step: int | None = None
+    last_metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Trainer:
+    """Runs a Method for `total_steps` optimiser steps with AdamW, AMP, clipping, validation and checkpoints.
+
+    Args:
+        config: the resolved run config.
+        method: the method, already on `device` (not yet DDP-wrapped).
+        loader: training DataLoader whose sampler is a `ResumableSampler` (see distill.train).
+        validate: callable(model) -> metrics dict, run on rank 0 only; None disables validation.
+        run_dir: where checkpoints and logs go (rank 0 writes).
+        device: the rank's device.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        method: Method,
+        loader: torch.utils.data.DataLoader,
+        validate: Callable[[DepthModel], dict[str, float]] | None,
+        run_dir: Path,
+        device: torch.device,
+    ) -> None:
+        self.config, self.method, self.loader, self.validate = config, method, loader, validate
+        self.run_dir, self.device = run_dir, device
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.steps_per_epoch = len(loader.sampler) // loader.batch_size
+        train = config.train
+        self.total_steps = train.steps if train.steps is not None else train.epochs * self.steps_per_epoch
+        method.total_steps = self.total_steps
+        params = [p for module in method.trainable_modules() for p in module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=train.lr, betas=train.betas, weight_decay=train.weight_decay)
+        self.amp_dtype = self._amp_dtype()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.progress = Progress()
+        self.ddp = None
+        if self.world > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            unused = method.find_unused_parameters
+            self.ddp = nn.parallel.DistributedDataParallel(method, device_ids=ids, find_unused_parameters=unused)
+
+    def _amp_dtype(self) -> torch.dtype | None:
+        amp = self.config.train.amp
+        if amp == "none":
+            return None
+        if self.device.type != "cuda":
+            if self.rank == 0:
+                tqdm.write(f"train.amp={amp} needs CUDA; training in float32 on {self.device.type}")
+            return None
+        return torch.bfloat16 if amp == "bf16" else torch.float16
+
+    def resume(self, directory: Path) -> None:
+        """Continue from a checkpoint folder: weights, optimizer, scaler, progress and this rank's RNG state."""
+        state = ckpt.read_state(directory)
+        changed = [key for key in changed_keys(state["config"], to_dict(self.config)) if key != "run.resume"]
+        if changed and self.rank == 0:
+            tqdm.write(f"resume: config differs from the checkpoint's in {', '.join(changed)} (new values apply)")
+        ckpt.load_model_weights(self.method.student, directory)
+        self.method.load_extra_tensors(ckpt.load_method_tensors(directory))
+        ckpt.load_optimizer(self.optimizer, directory, state)
+        if state.get("scaler"):  # empty when the saved run did not use fp16
+            self.scaler.load_state_dict(state["scaler"])
+        self.progress = Progress(**state["progress"])
+        rng = state["rng"]
+        if len(rng) == self.world:
+            ckpt.restore_rng(rng[self.rank])
+        elif self.rank == 0:
+            tqdm.write(f"resume: saved with {len(rng)} processes, now {self.world}; RNG streams restart from the seed")
+
+    def fit(self) -> Progress:
+        """Train to `total_steps`, validating and checkpointing on the configured steps."""
+        train = self.config.train
+        logger = RunLogger(
+            self.run_dir,
+            enabled=self.rank == 0,
+            tensorboard=self.config.run.tensorboard,
+            resume_step=self.progress.step,
+        )
+        self.loader.sampler.set_position(self.progress.step, self.steps_per_epoch, self.loader.batch_size)
+        batches = self._batches()
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.progress.step,
+            disable=self.rank != 0,
+            desc="train",
+            unit="it",
+            dynamic_ncols=True,
+        )
+        self.method.train()
+        tick, logged = time.perf_counter(), self.progress.step
+        while self.progress.step < self.total_steps:
+            step = self.progress.step
+            lr = lr_at(step, self.total_steps, train.lr, train.lr_end, train.warmup_steps)
+            terms = self.train_step(self.to_device(next(batches)), step, lr)
+            self.progress.step = done = step + 1
+            bar.update(1)
+            if self._due(done, train.log_every):
+                values = {name: float(value) for name, value in terms.items()}  # checked here: no sync per step
+                if not all(map(math.isfinite, values.values())):
+                    raise FloatingPointError(f"loss is not finite at step {done}: {values}")
+                rate = (done - logged) * self.loader.batch_size * self.world / (time.perf_counter() - tick)
+                tick, logged = time.perf_counter(), done
+                row = {"epoch": step // self.steps_per_epoch, "lr": lr, "loss": sum(values.values()), **values}
+                logger.log("train", done, {**row, "images_per_s": rate})
+                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
+            if self.validate is not None and self._due(done, train.val_every):
+                self._validate(logger)
+            if self._due(done, train.ckpt_every):
+                self._save("last")
+        bar.close()
+        logger.close()
+        return self.progress
+
+    def _due(self, done: int, every: int) -> bool:
+        """Whether a periodic action runs after `done` steps (every N steps, 0 = never, and always at the end)."""
+        return done == self.total_steps or (every > 0 and done % every == 0)
+
+    def _batches(self) -> Iterator[Batch]:
+        """Batches forever, epoch after epoch (sampler and seeded dataset told the epoch first)."""
+        while True:
+            epoch = self.progress.step // self.steps_per_epoch
+            self.loader.sampler.set_epoch(epoch)
+            self.loader.dataset.epoch = epoch
+            yield from self.loader
+
+    def to_device(self, batch: Batch) -> Batch:
+        """The batch's tensors on this rank's device (meta stays on the CPU)."""
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def train_step(self, batch: Batch, step: int, lr: float) -> dict[str, torch.Tensor]:
+        """One optimiser step at learning rate `lr`; returns the detached loss terms."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            _, terms = (self.ddp or self.method)(batch, step)
+        loss = sum(terms.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.config.train.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            nn.utils.clip_grad_norm_(params, self.config.train.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return {name: value.detach() for name, value in terms.items()}
+
+    def _validate(self, logger: RunLogger) -> None:
+        """Rank 0 evaluates the student; every rank then joins in writing `best` if it improved."""
+        improved = [False]
+        if self.rank == 0:
+            self.method.eval()
+            metrics = self.validate(self.method.student)
+            self.method.train()
+            self.progress.last_metrics = metrics
+            logger.log("val", self.progress.step, metrics)
+            tqdm.write(format_metrics_table({f"step {self.progress.step}": metrics}))
+            name, best = self.config.train.best_metric, self.progress.best_value
+            value = metrics[name]
+            improved[0] = best is None or (value > best if name.startswith("d") else value < best)
+            if improved[0]:
+                self.progress.best_value, self.progress.best_step = value, self.progress.step
+        if self.world > 1:
+            dist.broadcast_object_list(improved, src=0)
+        if improved[0]:
+            self._save("best")
+
+    def _save(self, name: str) -> None:
+        """Write run_dir/<name> (rank 0), with every rank's RNG state."""
+        rngs = [None] * self.world
+        if self.world > 1:
+            dist.all_gather_object(rngs, ckpt.capture_rng())
+        else:
+            rngs = [ckpt.capture_rng()]
+        if self.rank != 0:
+            return
+        state = {
+            "step": self.progress.step,
+            "epoch": self.progress.step // self.steps_per_epoch,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "total_steps": self.total_steps,
+            "world_size": self.world,
+            "progress": vars(self.progress),
+            "scaler": self.scaler.state_dict(),
+            "rng": rngs,
+            "config": to_dict(self.config),
+        }
+        optimizer = self.optimizer if name == "last" else None  # `best` is for evaluation and export only
+        extra = self.method.extra_tensors()
+        ckpt.save_checkpoint(self.run_dir / name, self.method.student, state, optimizer, extra)
+
+
+class SeededDataset:
+    """Sample i of epoch e drawn with every RNG seeded from (seed, e, i): augmentation is the same whatever the
+    number of workers, and a resumed run sees exactly the samples an uninterrupted one would."""
+
+    def __init__(self, dataset, seed: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        seed = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(python_state)
+                np.random.set_state(numpy_state)
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (shuffled per epoch from the seed; one replica without torchrun) that can start mid-epoch."""
+
+    def __init__(self, dataset, seed: int, drop_last: bool) -> None:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=drop_last)
+        self._skip_epoch, self._skip = 0, 0
+
+    def set_position(self, step: int, steps_per_epoch: int, batch_size: int) -> None:
+        """Make the epoch of `step` start after the samples of the steps already done in it."""
+        self._skip_epoch, self._skip = divmod(step, steps_per_epoch)
+        self._skip *= batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        indices = super().__iter__()
+        return itertools.islice(indices, self._skip, None) if self.epoch == self._skip_epoch else indices

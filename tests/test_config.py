@@ -1,0 +1,153 @@
+"""Typed config: defaults file, experiment merge, key=value overrides, one-line errors naming the key (exit code 2)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distill.config import (
+    DEFAULT_CONFIG,
+    Config,
+    changed_keys,
+    load_config,
+    parse_override,
+    read_yaml,
+    save_config,
+    to_dict,
+)
+from distill.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO / "config"
+
+
+def write(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def error_of(path: Path | None, overrides: list[str] = (), **kw) -> str:
+    with pytest.raises(UserError) as info:
+        load_config(path, overrides, **kw)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def count_leaves(mapping: dict) -> int:
+    return sum(count_leaves(value) if isinstance(value, dict) else 1 for value in mapping.values())
+
+
+def test_every_default_key_is_commented_with_its_type():
+    keys = 0
+    for line in DEFAULT_CONFIG.read_text().splitlines():
+        match = re.match(r"^\s*(\w+):([^#]*)", line)
+        if not match or not match.group(2).strip():
+            continue  # comments, blank lines and (sub-)section headers
+        keys += 1
+        assert re.search(r"# \([^)]+\) \S", line), f"default.yaml key without '# (type) meaning': {line.strip()}"
+    assert keys == count_leaves(read_yaml(DEFAULT_CONFIG))
+
+
+def test_defaults_validate_and_cover_every_field():
+    config = load_config(None)
+    assert config.train.lr == pytest.approx(4e-5) and config.train.lr_end == pytest.approx(4e-6)
+    assert config.train.epochs == 25 and config.train.weight_decay == pytest.approx(1e-2)
+    assert config.train.chamfer_weight == pytest.approx(0.1) and config.kd.method == "none"
+    assert set(read_yaml(DEFAULT_CONFIG)) == set(Config.model_fields)
+
+
+def test_experiment_overrides_default_deeply_and_cli_overrides_experiment(tmp_path):
+    exp = write(tmp_path, "train: {steps: 100, epochs: null, lr: 1.0e-3}\ndata: {kind: nyu}\n")
+    config = load_config(exp, ["train.steps=7", "data.size=[64, 192]", "resume=true", "teacher.spec=null"])
+    assert config.train.steps == 7 and config.train.lr == pytest.approx(1e-3)
+    assert config.train.lr_end == pytest.approx(4e-6)  # untouched default beside overridden siblings
+    assert config.data.size == (64, 192) and config.run.resume is True
+    assert config.data.max_depth == 10.0 and config.model.max_depth == 10.0  # null ranges follow the NYU kind
+
+
+def test_override_values_are_yaml():
+    assert parse_override("data.bags=[a.bag, b.bag]", {}) == {"data": {"bags": ["a.bag", "b.bag"]}}
+    assert parse_override("teacher.weights=null", {}) == {"teacher": {"weights": None}}
+    assert parse_override("seed=3", {"run": {"seed": 0}, "data": {}}) == {"run": {"seed": 3}}
+    with pytest.raises(UserError, match="ambiguous.*data.min_depth"):
+        parse_override("min_depth=1", {"data": {"min_depth": 0}, "model": {"min_depth": 0}})
+    with pytest.raises(UserError, match="key=value"):
+        parse_override("train.steps", {})
+
+
+def test_unknown_key_suggests_the_close_match_with_its_full_key(tmp_path):
+    message = error_of(write(tmp_path, "train:\n  stpes: 3\n"))
+    assert "train.stpes: unknown key, did you mean train.steps?" in message
+    assert "did you mean train?" in error_of(None, ["trian.steps=3"])
+    assert "choices: none" in error_of(None, ["kd.method=disdeph"])
+
+
+def test_wrong_type_names_key_and_expected_type():
+    message = error_of(None, ["train.steps=lots", "train.epochs=null"])
+    assert message.startswith("config: train.steps:") and "integer" in message and "'lots'" in message
+    assert "train.amp" in error_of(None, ["train.amp=fp32"]) and "'bf16'" in error_of(None, ["train.amp=fp32"])
+    assert "exactly one of train.steps and train.epochs" in error_of(None, ["train.steps=5"])
+
+
+def test_missing_path_names_key_and_path(tmp_path):
+    missing = tmp_path / "no_such_dataset"
+    assert error_of(None, [f"data.root={missing}"]) == f"data.root: path does not exist: {missing}"
+    assert "data.bags[1]" in error_of(None, [f"data.bags=[{tmp_path}, {missing}]"])
+    load_config(None, [f"data.root={missing}"], check_paths=False)
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    message = error_of(write(tmp_path, "run: !!python/object/apply:os.system ['true']\n"))
+    assert "not valid YAML" in message
+    assert "expected a mapping" in error_of(write(tmp_path, "- a\n- b\n"))
+    assert "config file not found" in error_of(tmp_path / "absent.yaml")
+
+
+def test_saved_config_reloads_identically(tmp_path):
+    config = load_config(None, ["train.steps=5", "train.epochs=null", "data.size=[32, 64]"])
+    save_config(config, tmp_path / "config.yaml")
+    assert to_dict(load_config(tmp_path / "config.yaml")) == to_dict(config)
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["data"]["size"] == [32, 64]
+
+
+def test_changed_keys_lists_dotted_differences():
+    old = {"train": {"lr": 1.0, "steps": 5}, "run": {"resume": False}}
+    new = {"train": {"lr": 2.0, "steps": 5}, "run": {"resume": True}, "kd": {"method": "none"}}
+    assert changed_keys(old, new) == ["kd", "run.resume", "train.lr"]
+
+
+def experiment_files() -> list[str]:
+    """Every config/*.yaml made of run-config sections (node parameter files like kitti.yaml are not)."""
+    sections = set(Config.model_fields)
+    return sorted(p.name for p in CONFIG_DIR.glob("*.yaml") if set(yaml.safe_load(p.read_text()) or {}) <= sections)
+
+
+@pytest.mark.parametrize("name", experiment_files())
+def test_shipped_experiments_validate(name):
+    load_config(CONFIG_DIR / name, check_paths=False)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.stpes=3", "train.stpes: unknown key, did you mean train.steps?"),
+        ("train.steps=lots", "train.steps: Input should be a valid integer"),
+        ("data.root=/no/such/kitti", "data.root: path does not exist: /no/such/kitti"),
+    ],
+)
+def test_cli_reports_config_errors_on_one_line_with_exit_code_2(tmp_path, override, expected):
+    exp = write(tmp_path, "train: {steps: 3, epochs: null}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "distill.cli", "train", str(exp), override],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("distill train: error: ") and expected in lines[0]
