@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     synth = verbs.add_parser("synth", help="render the synthetic KITTI-like world (KITTI raw layout + rosbag2)")
     synth.add_argument("out", type=Path, help="output folder")
-    synth.add_argument("--frames", type=int, default=20, help="total frames, split by drive ~70/15/15 into train/val/test (default 20)")
+    synth.add_argument(
+        "--frames", type=int, default=20, help="total frames, split by drive ~70/15/15 into train/val/test (default 20)"
+    )
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--domain", choices=["kitti", "shifted"], default="kitti")
     synth.add_argument("--size", type=parse_size, default=(1242, 375), help="WIDTHxHEIGHT (default 1242x375)")
@@ -88,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("checkpoint", type=Path)
     evaluate.add_argument("--data", required=True, help="a config YAML or a dataset folder")
     evaluate.add_argument("--crop", choices=["garg", "eigen", "nyu", "none"], default=None)
-    evaluate.add_argument("--align", choices=["none", "median", "lsq"], default="none")
+    evaluate.add_argument(
+        "--align", choices=["none", "median", "lsq"], default=None, help="default: the config's eval.align"
+    )
     evaluate.add_argument("--json", type=Path, default=None, help="write the metrics as JSON here")
     evaluate.set_defaults(func=cmd_eval)
 

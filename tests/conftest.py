@@ -22,3 +22,16 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"real sample data not found at {SHARED_DATA}: the checkout must sit beside shared/")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    """A 10-frame synthetic KITTI-layout world at 192x64 (train/val/test splits, one mcap bag per drive).
+
+    Shared by every test that needs a small real dataset, so the world is rendered once per session.
+    """
+    from distill.data.synth import write_world
+
+    root = tmp_path_factory.mktemp("synth") / "world"
+    write_world(root, frames=10, seed=0, size=(192, 64), bag="mcap")
+    return root

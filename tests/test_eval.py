@@ -15,18 +15,10 @@ from distill.checkpoint import load_model_from_checkpoint, save_checkpoint
 from distill.cli import main as cli_main
 from distill.config import data_dict, load_config, to_dict
 from distill.data import build_dataset
-from distill.data.synth import write_world
 from distill.errors import UserError
 from distill.evaluate import paste_into_full, predict_depth, run_eval
 from distill.metrics import METRIC_KEYS, depth_metrics
 from distill.models import build_student
-
-
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synth") / "world"
-    write_world(root, frames=6, seed=1, size=(192, 64), bag="none")
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ import yaml
 
 from distill.checkpoint import load_model_from_checkpoint, read_state
 from distill.config import load_config
-from distill.data.synth import write_world
 from distill.errors import UserError
 from distill.models import build_student
 from distill.models.base import DepthOutput
@@ -27,14 +26,6 @@ from distill.train import run_training
 from distill.trainer import ResumableSampler, SeededDataset, SupervisedMethod, lr_at
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory) -> Path:
-    """A 10-frame synthetic KITTI-layout world at 192x64 (splits train/val/test)."""
-    root = tmp_path_factory.mktemp("synth") / "world"
-    write_world(root, frames=10, seed=0, size=(192, 64), bag="none")
-    return root
 
 
 def experiment(tmp_path: Path, synth_root: Path, **sections) -> Path:
