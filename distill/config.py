@@ -14,7 +14,6 @@ Adding a distillation method `foo`:
 from __future__ import annotations
 
 import copy
-import difflib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -22,7 +21,7 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from distill.errors import UserError
+from distill.errors import UserError, did_you_mean
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "config" / "default.yaml"
 
@@ -176,7 +175,7 @@ class KDConfig(Section):
     def _known_method(cls, method: str) -> str:
         choices = ["none", *(name for name in cls.model_fields if name != "method")]
         if method not in choices:
-            raise ValueError(f"unknown method {method!r}{_suggest(method, choices)}; choices: {', '.join(choices)}")
+            raise ValueError(f"unknown method {method!r}{did_you_mean(method, choices)}; choices: {', '.join(choices)}")
         return method
 
 
@@ -288,7 +287,7 @@ def _describe(item: Mapping[str, Any]) -> str:
     key = ".".join(loc)
     if item["type"] == "extra_forbidden":
         choices = [".".join([*loc[:-1], name]) for name in _fields_at(loc[:-1])]
-        return f"{key}: unknown key{_suggest(key, choices)}"
+        return f"{key}: unknown key{did_you_mean(key, choices)}"
     message = item["msg"].removeprefix("Value error, ")
     if item["type"] == "missing":
         return f"{key}: missing (every key needs a value; see config/default.yaml)"
@@ -310,12 +309,6 @@ def _fields_at(loc: Sequence[str]) -> list[str]:
             return []
         model = nested[0]
     return list(model.model_fields)
-
-
-def _suggest(word: str, choices: Sequence[str]) -> str:
-    """The text ", did you mean X?" naming the closest choice, or "" when none is close."""
-    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f", did you mean {match[0]}?" if match else ""
 
 
 def fill_depth_ranges(config: Config) -> None:

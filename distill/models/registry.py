@@ -5,24 +5,16 @@
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import timm
 from torch import nn
 
-from distill.errors import UserError
+from distill.errors import UserError, did_you_mean
 from distill.models.base import IMAGENET_MEAN, IMAGENET_STD
 
 T = TypeVar("T")
-
-
-def did_you_mean(name: str, choices: Iterable[str]) -> str:
-    """ "; did you mean 'x'?" naming up to three close choices, or "" when none is close."""
-    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.6)
-    return "; did you mean " + " or ".join(repr(c) for c in close) + "?" if close else ""
 
 
 class Registry(Generic[T]):
