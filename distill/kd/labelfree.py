@@ -1,0 +1,170 @@
+"""Label-free geometric KD for unlabeled robot logs (Gao et al., "Robust lightweight depth estimation model via
+data-free distillation"; methods.md §5). The student learns from the teacher only; no depth label is read.
+
+    channel-wise:  tau^2 * KL(softmax_HW(n_t / tau) || softmax_HW(n_s / tau))     (Shu et al. 2021, one channel)
+    geometric:     MSE(P_s, P_t) + MSE(phi(P_s), phi(P_t))
+
+n = depth / median(depth) per image over the teacher's valid pixels (ours: scale-free, so a metric and an aligned
+relative teacher weigh alike). P are the 3D points of N pixels sampled once per image and shared by teacher and
+student, back-projected with the frame's intrinsics (`batch["K"]`, from the bag's CameraInfo) by the pinhole model
+of `depth_node.geometry.backproject`: X = (u - cx) Z / fx, Y = (v - cy) Z / fy, Z = d, (u, v) = (column, row).
+Both clouds are divided by the teacher's median depth (ours: the loss is in scene units, as the paper's normalised
+numbers, instead of square metres). phi is PointNet's global feature (shared MLP 3 -> 64 -> 128 -> 1024 with ReLU,
+max-pool over points; no T-nets): frozen, randomly initialised from a fixed seed by default (ours; a trainable phi
+would collapse to a constant), or loaded from `pointnet_weights`. Relative teachers are first least-squares aligned
+to the student's detached prediction per image.
+
+Trains straight from rosbag2 / ROS 1 bags: `distill train config/labelfree_bag.yaml data.bags='[a.mcap, b]'`.
+
+Config (`kd.labelfree`): tau, channel_weight, geometric_weight, points (N), pointnet_weights (path|null),
+pointnet_seed (int).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from distill.config import Config
+from distill.errors import UserError
+from distill.kd.common import DistillMethod, check_cached_inputs, kd_section, load_teacher
+from distill.models.base import DepthModel, DepthOutput
+from distill.trainer import Batch, Method
+
+MASKED_LOGIT = -1e9  # logit of pixels outside the mask: zero probability, finite log
+
+
+def median_normalise(depth: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) depth divided per image by its median over `valid` (images without a valid pixel unchanged)."""
+    medians = torch.stack([d[v].median() if v.any() else d.new_ones(()) for d, v in zip(depth, valid)])
+    return depth / medians.clamp_min(torch.finfo(depth.dtype).tiny).view(-1, 1, 1, 1)
+
+
+def channel_wise_loss(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor, tau: float) -> torch.Tensor:
+    """tau^2 * KL over the H*W positions of softmax(map / tau), teacher || student, averaged over images.
+
+    Args:
+        student, teacher: (B, C, H, W) maps (normalised depth: C = 1).
+        valid: (B, 1, H, W) bool positions that take part (others get probability 0).
+        tau: temperature.
+
+    Returns:
+        Scalar, nats * tau^2 (0 for identical maps; images without a valid position are skipped).
+    """
+    mask = valid.expand_as(student).flatten(2)
+    log_s = torch.log_softmax(torch.where(mask, student.flatten(2) / tau, MASKED_LOGIT), dim=-1)
+    log_t = torch.log_softmax(torch.where(mask, teacher.flatten(2) / tau, MASKED_LOGIT), dim=-1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(dim=-1)  # (B, C)
+    keep = mask.any(dim=-1)
+    return tau**2 * kl[keep].mean() if keep.any() else student.sum() * 0.0
+
+
+def backproject_pixels(depth: torch.Tensor, K: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """3D points of chosen pixels, pinhole model as `depth_node.geometry.backproject` (torch, differentiable).
+
+    Args:
+        depth: (B, 1, H, W) metres along the optical axis.
+        K: (B, 3, 3) intrinsics of the depth map, pixels.
+        index: (B, N) long, flat pixel indices row * W + column.
+
+    Returns:
+        (B, N, 3) metres in the camera optical frame (x right, y down, z forward).
+    """
+    width = depth.shape[-1]
+    z = depth.flatten(1).gather(1, index)
+    u, v = (index % width).to(depth.dtype), (index // width).to(depth.dtype)
+    fx, fy, cx, cy = (K[:, i, j, None].to(depth.dtype) for i, j in ((0, 0), (1, 1), (0, 2), (1, 2)))
+    return torch.stack(((u - cx) * z / fx, (v - cy) * z / fy, z), dim=-1)
+
+
+def sample_pixels(valid: torch.Tensor, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, count) flat indices of valid pixels per image, uniformly without replacement (with it when fewer are valid).
+
+    Args:
+        valid: (B, 1, H, W) bool; every image needs at least one valid pixel.
+        count: N.
+        generator: RNG on valid's device (None: torch's global RNG).
+    """
+    weights = valid.flatten(1).float()
+    return torch.stack([
+        torch.multinomial(w, count, replacement=bool(w.sum() < count), generator=generator) for w in weights
+    ])  # fmt: skip
+
+
+class PointNetFeatures(nn.Module):
+    """PointNet's global feature (Qi et al. 2017) without T-nets: shared MLP 3 -> 64 -> 128 -> 1024, ReLU, max-pool."""
+
+    def __init__(self, widths: tuple[int, ...] = (64, 128, 1024)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip((3, *widths[:-1]), widths):
+            layers += [nn.Linear(c_in, c_out), nn.ReLU()]
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        """(B, N, 3) points -> (B, 1024) features (max over points, so duplicated points change nothing)."""
+        return self.mlp(points).amax(dim=1)
+
+
+def geometric_loss(
+    student: torch.Tensor, teacher: torch.Tensor, K: torch.Tensor, index: torch.Tensor, phi: nn.Module
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(MSE(P_s, P_t), MSE(phi(P_s), phi(P_t))) over the pixels `index`, clouds divided by the teacher's median depth.
+
+    Args:
+        student, teacher: (B, 1, H, W) depth, metres (or the same relative units).
+        K: (B, 3, 3) intrinsics, pixels.
+        index: (B, N) flat pixel indices valid in the teacher (from `sample_pixels`).
+        phi: point feature extractor, (B, N, 3) -> (B, F).
+    """
+    p_t = backproject_pixels(teacher, K, index)
+    p_s = backproject_pixels(student, K, index)
+    scale = p_t[..., 2].median(dim=1).values.clamp_min(torch.finfo(p_t.dtype).tiny).view(-1, 1, 1)
+    p_t, p_s = p_t / scale, p_s / scale
+    return torch.mean((p_s - p_t) ** 2), torch.mean((phi(p_s) - phi(p_t)) ** 2)
+
+
+def build_pointnet(weights: Path | None, seed: int) -> PointNetFeatures:
+    """The frozen phi: random init drawn from `seed` (same for every run and resume), or loaded from `weights`."""
+    from distill.models.weights import load_weights
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        phi = PointNetFeatures()
+    if weights is not None:
+        load_weights(phi, weights)
+    return phi.requires_grad_(False).eval()
+
+
+class LabelFreeMethod(DistillMethod):
+    """Channel-wise + geometric distillation from the teacher's depth; ground truth is never read."""
+
+    def __init__(self, student: DepthModel, teacher: DepthModel, config: Config, phi: nn.Module) -> None:
+        super().__init__(student, teacher, config)
+        self.cfg = kd_section(config, "labelfree")
+        self.phi = phi
+
+    def loss(self, batch: Batch, out: DepthOutput, step: int) -> dict[str, torch.Tensor]:
+        cfg, student = self.cfg, out.depth.float()
+        teacher, valid = self.teacher_depth(batch, student.detach())
+        has_pixels = valid.flatten(1).any(dim=1)  # frames where the teacher gives nothing teach nothing
+        if not has_pixels.any():
+            return {"channel": student.sum() * 0.0, "geometric": student.sum() * 0.0}
+        student, teacher, valid = student[has_pixels], teacher[has_pixels], valid[has_pixels]
+        channel = channel_wise_loss(median_normalise(student, valid), median_normalise(teacher, valid), valid, cfg.tau)
+        index = sample_pixels(valid, cfg.points)
+        with torch.autocast(student.device.type, enabled=False):  # phi's features compared in float32 under AMP
+            points, features = geometric_loss(student, teacher, batch["K"][has_pixels], index, self.phi)
+        return {"channel": cfg.channel_weight * channel, "geometric": cfg.geometric_weight * (points + features)}
+
+
+def build_method(config: Config, student: DepthModel, device: torch.device) -> Method:
+    """Label-free geometric KD for `distill.trainer.build_method` (kd.method: labelfree)."""
+    cfg = kd_section(config, "labelfree")
+    if cfg.pointnet_weights is not None and not cfg.pointnet_weights.is_file():
+        raise UserError(f"kd.labelfree.pointnet_weights: file not found: {cfg.pointnet_weights}")
+    teacher = load_teacher(config, device)
+    check_cached_inputs(config, teacher)
+    return LabelFreeMethod(student, teacher, config, build_pointnet(cfg.pointnet_weights, cfg.pointnet_seed))
