@@ -59,6 +59,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from distill.kd.cache import run_cache
+
+    run_cache(args.config, args.overrides, out=args.out, splits=args.splits, features=args.features, fmt=args.fmt)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from distill.bench import run_bench
 
@@ -114,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--arch", default=None, help="with --random-init: student architecture")
     export.add_argument("--random-init", action="store_true", help="export an untrained student (tests, benchmarks)")
     export.set_defaults(func=cmd_export)
+
+    cache = verbs.add_parser("cache", help="precompute a teacher's outputs once, reused by every student run")
+    cache.add_argument("config", type=Path, help="experiment YAML (the one you train students with)")
+    cache.add_argument("overrides", nargs="*", help="key=value overrides, e.g. teacher.weights=runs/teacher-vit")
+    cache.add_argument("--out", type=Path, default=None, help="cache folder (default: run.out_dir/<run.name>-teacher)")
+    cache.add_argument("--splits", nargs="+", default=None, help="splits to cache (default: data.train_split)")
+    cache.add_argument("--features", action="store_true", help="also cache the teacher's feature maps")
+    cache.add_argument("--fmt", choices=["npy", "png"], default="npy")
+    cache.set_defaults(func=cmd_cache)
 
     bench = verbs.add_parser("bench", help="latency of an exported model per backend")
     bench.add_argument("model", type=Path)

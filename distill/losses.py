@@ -189,8 +189,8 @@ def ssim(
         data_range: L, the dynamic range of x and y.
 
     Returns:
-        Scalar mean SSIM in [-1, 1] over the masked pixels (1 when x == y, and when no pixel is valid, so that
-        `ssim_loss` is then 0).
+        Scalar float32 mean SSIM in [-1, 1] over the masked pixels (1 when x == y, and when no pixel is valid, so
+        that `ssim_loss` is then 0). Computed in float32 with autocast off, whatever the inputs' dtype.
     """
     if x.shape != y.shape or x.ndim != 4 or x.shape[1] != 1:
         raise ValueError(f"ssim expects two (B, 1, H, W) maps, got {tuple(x.shape)} and {tuple(y.shape)}")
@@ -199,6 +199,11 @@ def ssim(
     m = torch.ones_like(x, dtype=torch.bool) if mask is None else mask
     if not m.any():
         return _zero(x) + 1.0
+    with torch.autocast(x.device.type, enabled=False):  # window sums of squares need float32 even under AMP
+        return _masked_ssim(x.float(), y.float(), m, window, data_range)
+
+
+def _masked_ssim(x: torch.Tensor, y: torch.Tensor, m: torch.Tensor, window: int, data_range: float) -> torch.Tensor:
     w = m.to(x.dtype)
     x, y = torch.where(m, x, 0.0), torch.where(m, y, 0.0)
     stack = torch.cat([w, x, y, x * x, y * y, x * y], dim=1)

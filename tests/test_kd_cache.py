@@ -10,12 +10,13 @@ import torch
 import yaml
 from test_kd_tiekd import export_onnx_teacher
 
+from distill.cli import main as cli_main
 from distill.config import data_dict, load_config
 from distill.data import build_dataset
 from distill.data.synth import write_world
 from distill.errors import UserError
 from distill.kd import response
-from distill.kd.cache import cache_teacher, main, read_features, write_features
+from distill.kd.cache import cache_teacher, read_features, write_features
 from distill.kd.common import DistillMethod
 from distill.models import build_student, build_teacher
 
@@ -88,12 +89,14 @@ def test_features_round_trip_as_float16(tmp_path):
 
 def test_cli_caches_and_prints_how_to_train_from_it(tmp_path, world, onnx_file, capsys):
     exp = experiment(tmp_path, world, onnx_file)
-    assert main([str(exp), "--out", str(tmp_path / "c"), "--splits", "test"]) == 0
+    assert cli_main(["cache", str(exp), "--out", str(tmp_path / "c"), "--splits", "test"]) == 0
     printed = capsys.readouterr().out
     assert f"teacher.spec=precomputed:{tmp_path / 'c'} teacher.weights=null" in printed
     test_frames = build_dataset({"kind": "kitti", "root": world}, "test", augment=False)
     assert len(list((tmp_path / "c").glob("*.npy"))) == len(test_frames)
-    assert main([str(exp), f"teacher.spec=precomputed:{tmp_path / 'c'}", "--out", str(tmp_path / "d")]) == 2
+    assert (
+        cli_main(["cache", str(exp), f"teacher.spec=precomputed:{tmp_path / 'c'}", "--out", str(tmp_path / "d")]) == 2
+    )
     assert "already a cache" in capsys.readouterr().err
 
 

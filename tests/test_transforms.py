@@ -146,3 +146,14 @@ def test_training_transform_composition(scene):
 def test_build_dataset_rejects_unknown_kind():
     with pytest.raises(UserError, match="did you mean 'kitti'"):
         build_dataset({"kind": "kiti"}, "train", augment=False)
+
+
+def test_random_flip_records_its_decision_for_cached_teacher_maps(scene):
+    generator = torch.Generator().manual_seed(0)
+    always, never = RandomHorizontalFlip(p=1.0), RandomHorizontalFlip(p=0.0)
+    flipped = always(scene, generator)
+    kept = never(scene, generator)
+    assert flipped["meta"]["hflip"] is True and kept["meta"]["hflip"] is False
+    assert torch.equal(flipped["image"], scene["image"].flip(-1))
+    assert torch.equal(kept["image"], scene["image"])
+    assert "hflip" not in scene["meta"]  # the input sample is never modified

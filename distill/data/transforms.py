@@ -124,13 +124,16 @@ class RandomCrop:
 
 
 class RandomHorizontalFlip:
-    """Mirror with probability p."""
+    """Mirror with probability p; records the decision in meta["hflip"] so cached teacher maps can follow it."""
 
     def __init__(self, p: float = 0.5):
         self.p = p
 
     def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
-        return hflip(sample) if torch.rand((), generator=generator).item() < self.p else sample
+        flipped = torch.rand((), generator=generator).item() < self.p
+        out = hflip(sample) if flipped else dict(sample)
+        out["meta"] = dict(out["meta"], hflip=flipped)
+        return out
 
 
 class ColorJitter:

@@ -1,6 +1,6 @@
 """Teacher caching: run a frozen teacher once over a dataset and store its outputs for every later student run.
 
-    python -m distill.kd.cache CONFIG [key=value ...] [--out DIR] [--splits train val] [--features] [--fmt npy|png]
+    distill cache CONFIG [key=value ...] [--out DIR] [--splits train val] [--features] [--fmt npy|png]
 
 reads the same experiment config as `distill train` (teacher:, data:), runs the teacher on every frame of the
 splits without augmentation, and writes `distill.models.external`'s `precomputed:` format (one `<name>.npy` per frame,
@@ -17,8 +17,6 @@ the unjittered image, which is what the student should predict anyway.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -136,24 +134,3 @@ def run_cache(
     print(f"cached {count} new frames in {out}; train students from it with:")
     print(f"  distill train {config_path} teacher.spec=precomputed:{out} teacher.weights=null")
     return out
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m distill.kd.cache", description=__doc__.splitlines()[0])
-    parser.add_argument("config", type=Path, help="experiment YAML (the one you train students with)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. teacher.weights=runs/teacher-vit")
-    parser.add_argument("--out", type=Path, default=None, help="cache folder (default: run.out_dir/<run.name>-teacher)")
-    parser.add_argument("--splits", nargs="+", default=None, help="splits to cache (default: data.train_split)")
-    parser.add_argument("--features", action="store_true", help="also cache the teacher's feature maps")
-    parser.add_argument("--fmt", choices=["npy", "png"], default="npy")
-    args = parser.parse_args(argv)
-    try:
-        run_cache(args.config, args.overrides, out=args.out, splits=args.splits, features=args.features, fmt=args.fmt)
-    except UserError as error:
-        print(f"distill cache: error: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -43,8 +43,7 @@ def response_loss(
     if kind not in LOSSES:
         raise ValueError(f"unknown response loss {kind!r}: expected one of {', '.join(LOSSES)}")
     parts = kind.split("_")
-    with torch.autocast(pred.device.type, enabled=False):  # SSIM's window sums need float32 convolutions under AMP
-        total = ssim_loss(pred.float(), target.float(), valid, max_depth=max_depth) if "ssim" in parts else 0.0
+    total = ssim_loss(pred, target, valid, max_depth=max_depth) if "ssim" in parts else 0.0
     if "mse" in parts:
         total = total + mse_loss(pred, target, valid)
     if "si" in parts:

@@ -133,8 +133,7 @@ def tiekd_terms(
     pixels = teacher_valid & top_rows_mask(teacher_valid, ignore_top)  # ignored pixels feed neither term
     target, cells = teacher_dpm(teacher, pixels, centers, sigma, tuple(probs.shape[-2:]))
     kl = dpm_kl(target, probs, cells)
-    with torch.autocast(probs.device.type, enabled=False):  # SSIM's window sums need float32 convolutions under AMP
-        structure = ssim_loss(out.depth.float(), teacher, pixels, max_depth=max_depth)
+    structure = ssim_loss(out.depth, teacher, pixels, max_depth=max_depth)
     return {"tiekd_dpm": weight * alpha * kl, "tiekd_ssim": weight * (1 - alpha) * structure}
 
 
