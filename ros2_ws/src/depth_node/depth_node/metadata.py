@@ -145,13 +145,16 @@ def read_onnx_metadata(path: str | Path) -> ModelMetadata:
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"model file not found: {path}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # only the metadata is wanted
     try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as error:  # ORT raises its own exception types for corrupt files
-        raise ModelLoadError(f"{path}: not a readable ONNX model ({_first_line(error)})") from None
+        raise ModelLoadError(f"{path}: not a readable ONNX model ({error_summary(error)})") from None
     return metadata_from_map(session.get_modelmeta().custom_metadata_map, str(path))
 
 
-def _first_line(error: BaseException) -> str:
+def error_summary(error: BaseException) -> str:
+    """First line of an exception's message (library errors can span pages), or its type name."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__

@@ -1,0 +1,359 @@
+"""`distill export`: a checkpoint (or a random-init student) -> ONNX with embedded metadata, and a TensorRT engine.
+
+The ONNX graph takes `image` (B, 3, H, W) float32, RGB normalised with the model's mean/std, and gives `depth`
+(B, 1, H, W) metres (or relative units, see the metadata's output_kind) and, for models with depth bins,
+`confidence` (B, 1, H, W) = the largest bin probability, bilinearly upsampled. Its `metadata_props["depthkd"]`
+holds `depth_node.metadata.ModelMetadata`, so the runtime needs nothing else. Every export is checked against
+PyTorch with ONNX Runtime (max relative error <= 1e-3) and ends by printing the commands that use it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import inspect
+import json
+import re
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import distill
+from depth_node.engine import plan_input, preprocess
+from depth_node.metadata import METADATA_KEY, ModelLoadError, ModelMetadata, read_onnx_metadata
+from distill.errors import UserError
+
+FORMATS = ("onnx", "engine")
+PARITY_TOLERANCE = 1e-3
+PARITY_SAMPLES = 3
+_CHECKPOINT_FILES = ("state.json", "model.safetensors")  # files that stand for their checkpoint folder
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+class ExportWrapper(nn.Module):
+    """A DepthModel as the exported graph sees it: image (, extra inputs) -> depth (, confidence).
+
+    `pad` = (bottom, right) pixels of edge padding added before the model and cropped from the outputs, so a fixed
+    input size that is not a multiple of the model's size_divisor (e.g. 176x608 for a stride-32 encoder) exports.
+    """
+
+    def __init__(self, model: nn.Module, pad: tuple[int, int] = (0, 0)):
+        super().__init__()
+        self.model = model
+        self.pad = pad
+
+    def padded(self, image: torch.Tensor) -> torch.Tensor:
+        """The image as the model sees it: edge-padded at the bottom/right by `pad`."""
+        return F.pad(image, (0, self.pad[1], 0, self.pad[0]), mode="replicate") if any(self.pad) else image
+
+    def forward(self, image: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        height, width = image.shape[-2:]
+        out = self.model(self.padded(image), *extra)
+        depth = out.depth[..., :height, :width] if any(self.pad) else out.depth
+        if out.probs is None:
+            return depth
+        confidence = out.probs.amax(dim=1, keepdim=True)
+        confidence = F.interpolate(confidence, size=out.depth.shape[-2:], mode="bilinear", align_corners=False)
+        return depth, confidence[..., :height, :width] if any(self.pad) else confidence
+
+
+def run_export(args: argparse.Namespace) -> list[Path]:
+    """The `distill export` verb (see cli.py for the arguments). Returns the files written."""
+    formats = parse_formats(args.format)
+    if (args.fp16 or args.int8) and "engine" not in formats:
+        raise UserError("--fp16/--int8 set the TensorRT engine's precision: add --format engine (or onnx,engine)")
+    if args.int8 and args.calib is None:
+        raise UserError("--int8 needs --calib DATA (a folder of images, a dataset or a rosbag) for calibration")
+    out = Path(args.out)
+    written: list[Path] = []
+    source = Path(args.checkpoint) if args.checkpoint is not None else None
+    if source is not None and source.is_file() and not args.random_init and source.name not in _CHECKPOINT_FILES:
+        onnx_path = _existing_onnx(source, formats)  # an exported model: build the engine from it
+        metadata = read_metadata_or_fail(onnx_path)
+    else:
+        model, config = load_for_export(args)
+        onnx_path, metadata = export_onnx(model, out, args.size, args.dynamic, args.opset, config, args.calib)
+        written.append(onnx_path)
+    if "engine" in formats:
+        from distill.export_trt import build_engine
+
+        precision = "int8" if args.int8 else "fp16" if args.fp16 else "fp32"
+        out.mkdir(parents=True, exist_ok=True)
+        written.append(build_engine(onnx_path, out, precision, metadata, args.size, calib=args.calib))
+    print_usage(written)
+    return written
+
+
+def parse_formats(text: str) -> list[str]:
+    """ "onnx,engine" -> ["onnx", "engine"]; an unknown or empty format is a UserError."""
+    formats = [part.strip().lower() for part in str(text).split(",") if part.strip()]
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        bad = ", ".join(unknown) or repr(text)
+        raise UserError(f"--format: unknown format {bad} (choose from {', '.join(FORMATS)})")
+    return formats
+
+
+def _existing_onnx(path: Path, formats: list[str]) -> Path:
+    if formats != ["engine"]:
+        raise UserError(f"{path} is a model file, not a checkpoint folder: only --format engine can use it")
+    return path
+
+
+def read_metadata_or_fail(path: Path) -> ModelMetadata:
+    """depthkd metadata of an ONNX file; a file that is not an exported ONNX model is a UserError."""
+    try:
+        return read_onnx_metadata(path)
+    except ModelLoadError as error:
+        raise UserError(str(error)) from None
+
+
+def load_for_export(args: argparse.Namespace) -> tuple[nn.Module, dict]:
+    """The model to export (eval mode, CPU) and the config describing it."""
+    if args.random_init:
+        if not args.arch:
+            raise UserError("--random-init needs --arch NAME (a student architecture, e.g. efficientnet_b0)")
+        if args.checkpoint is not None:
+            raise UserError(f"give either a checkpoint ({args.checkpoint}) or --random-init, not both")
+        from distill.models import build_student
+
+        model = build_student(args.arch)
+        return model.eval(), {"arch": args.arch, "random_init": True}
+    if args.checkpoint is None:
+        raise UserError("give a CHECKPOINT folder to export (or --arch NAME --random-init for an untrained student)")
+    if not Path(args.checkpoint).exists():
+        raise UserError(f"checkpoint not found: {args.checkpoint}")
+    from distill.checkpoint import load_model_from_checkpoint
+    from distill.models.completion import is_completion_checkpoint, load_completion
+
+    load = load_completion if is_completion_checkpoint(args.checkpoint) else load_model_from_checkpoint
+    model, config = load(args.checkpoint)
+    return model.eval(), config
+
+
+def model_arch(model: nn.Module, config: dict) -> str:
+    """Architecture name for metadata: the spec's student arch or teacher spec, else the config's, else the spec's
+    kind, else the class name."""
+    spec = getattr(model, "spec", None)
+    for source in (spec if isinstance(spec, dict) else {}, config, config.get("model") or {}):
+        for key in ("arch", "spec"):
+            if isinstance(source, dict) and isinstance(source.get(key), str):
+                return source[key]
+    kind = spec.get("kind") if isinstance(spec, dict) else None  # e.g. "completion": one architecture, no name
+    return kind if isinstance(kind, str) else type(model).__name__.lower()
+
+
+def config_hash(config: dict) -> str:
+    """Short stable hash of a (resolved) config dict."""
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def export_onnx(
+    model: nn.Module,
+    out_dir: Path,
+    size: tuple[int, int],
+    dynamic: bool,
+    opset: int,
+    config: dict,
+    calib: Path | None = None,
+) -> tuple[Path, ModelMetadata]:
+    """Write `<arch>_<H>x<W>.onnx` (or `<arch>_dynamic.onnx`) into out_dir, checked and parity-tested.
+
+    Args:
+        model: a DepthModel in eval mode.
+        size: (H, W) of the traced input (the fixed input size unless dynamic). A fixed size that is not a multiple
+            of model.size_divisor is edge-padded inside the graph; a dynamic model's must be a multiple.
+        dynamic: batch, height and width become dynamic axes.
+        opset: ONNX opset version.
+        config: the run's resolved config (hashed into the metadata).
+        calib: optional image source; its first images are the parity check's inputs.
+    """
+    divisor = int(getattr(model, "size_divisor", 32))
+    pad = (-size[0] % divisor, -size[1] % divisor)
+    if any(pad) and (dynamic or extra_inputs(model)):
+        kind = "with --dynamic" if dynamic else "for a model with inputs besides the image"
+        raise UserError(f"--size {size[0]}x{size[1]}: {kind}, height and width must be multiples of {divisor}")
+    wrapper = ExportWrapper(model, pad).eval()
+    samples = parity_inputs(model, size, calib)
+    with torch.no_grad():
+        first = [torch.from_numpy(value) for value in samples[0].values()]
+        probs = model(wrapper.padded(first[0]), *first[1:]).probs
+    metadata = describe(model, size, dynamic, config, bins=0 if probs is None else int(probs.shape[1]))
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    stem = re.sub(r"[^A-Za-z0-9_.+-]+", "-", metadata.arch)  # "timm:vit_small..." -> "timm-vit_small..."
+    path = Path(out_dir) / (f"{stem}_dynamic.onnx" if dynamic else f"{stem}_{size[0]}x{size[1]}.onnx")
+    _trace_to_onnx(wrapper, samples[0], path, list(metadata.outputs), dynamic, opset)
+    _finish_onnx(path, metadata)
+    if dynamic:  # a second size proves the graph really follows its input size
+        half = (max(divisor, size[0] // 2 // divisor * divisor), max(divisor, size[1] // 2 // divisor * divisor))
+        samples = samples + parity_inputs(model, half, None)[:1]
+    error = check_parity(wrapper, path, samples)
+    source = "images from " + str(calib) if calib else "random smooth images (no dataset given: pass --calib DIR)"
+    print(f"parity ONNX Runtime vs PyTorch: max relative error {error:.2e} on {len(samples)} {source}")
+    if not error <= PARITY_TOLERANCE:
+        raise UserError(
+            f"{path}: ONNX Runtime disagrees with PyTorch (max relative error {error:.2e} > {PARITY_TOLERANCE}); "
+            "the file is kept for inspection"
+        )
+    return path, metadata
+
+
+def describe(model: nn.Module, size: tuple[int, int], dynamic: bool, config: dict, bins: int) -> ModelMetadata:
+    """The metadata embedded in the exported model (see depth_node.metadata.ModelMetadata)."""
+    return ModelMetadata(
+        input_size=None if dynamic else (int(size[0]), int(size[1])),
+        mean=tuple(float(v) for v in model.mean),
+        std=tuple(float(v) for v in model.std),
+        min_depth=float(model.min_depth),
+        max_depth=float(model.max_depth),
+        output_kind=str(model.output_kind),
+        bins=bins,
+        arch=model_arch(model, config),
+        config_hash=config_hash(config),
+        version=distill.__version__,
+        dynamic=bool(dynamic),
+        size_divisor=int(getattr(model, "size_divisor", 32)),
+    )
+
+
+def _finish_onnx(path: Path, metadata: ModelMetadata) -> None:
+    """Simplify, embed the metadata and check the traced file in place."""
+    import onnx
+
+    proto = _simplify(onnx.load(str(path)))
+    for output in proto.graph.output:  # the tracer leaves the channel axis symbolic when other axes are dynamic
+        output.type.tensor_type.shape.dim[1].dim_value = 1
+    del proto.metadata_props[:]
+    proto.metadata_props.add(key=METADATA_KEY, value=metadata.to_json())
+    proto.producer_name, proto.producer_version = "depthkd", distill.__version__
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(path))
+
+
+def _trace_to_onnx(wrapper: nn.Module, sample: dict, path: Path, outputs: list[str], dynamic: bool, opset: int):
+    axes = {0: "batch", 2: "height", 3: "width"}
+    dynamic_axes = {name: axes for name in [*sample, *outputs]} if dynamic else None
+    with warnings.catch_warnings(), torch.no_grad():
+        # The TorchScript exporter is deprecated in favour of dynamo, which does not yet export every timm model.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")  # harmless, from the exporter
+        torch.onnx.export(
+            wrapper,
+            tuple(torch.from_numpy(value) for value in sample.values()),
+            str(path),
+            input_names=list(sample),
+            output_names=outputs,
+            dynamic_axes=dynamic_axes,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+
+
+def _simplify(proto):
+    """Fold and fuse the graph with onnxslim when it is installed (optional: ORT optimises at load anyway)."""
+    if importlib.util.find_spec("onnxslim") is None:
+        return proto
+    import onnxslim
+
+    return onnxslim.slim(proto)
+
+
+def extra_inputs(model: nn.Module) -> tuple[str, ...]:
+    """Names of the model's required forward arguments after the image (e.g. a completion network's
+    aligned/sparse/mask); optional ones keep their defaults in the graph."""
+    parameters = list(inspect.signature(model.forward).parameters.values())[1:]
+    return tuple(p.name for p in parameters if p.default is inspect.Parameter.empty and p.kind in _POSITIONAL)
+
+
+def parity_inputs(model: nn.Module, size: tuple[int, int], calib: Path | None) -> list[dict[str, np.ndarray]]:
+    """PARITY_SAMPLES graph feeds: "image" (1, 3, H, W) normalised, from calibration images if given, else smooth
+    noise; plus, for models with more inputs, (1, 1, H, W) depth-like maps (see `depth_inputs`)."""
+    if calib is not None:
+        from distill.export_trt import calibration_images
+
+        images = [image for image, _ in zip(calibration_images(calib), range(PARITY_SAMPLES))]
+    else:
+        images = [smooth_random_image(size, seed) for seed in range(PARITY_SAMPLES)]
+    extra = extra_inputs(model)
+    return [
+        {
+            "image": preprocess(image, plan_input(image.shape[:2], size, "stretch"), model.mean, model.std),
+            **(depth_inputs(model, size, seed) if extra else {}),
+        }
+        for seed, image in enumerate(images)
+    ]
+
+
+def depth_inputs(model: nn.Module, size: tuple[int, int], seed: int) -> dict[str, np.ndarray]:
+    """A completion network's other inputs: "aligned" smooth depth in the model's range, "sparse" 5 % of it with
+    noise (0 elsewhere) and its "mask"; each (1, 1, H, W) float32."""
+    names = extra_inputs(model)
+    if names != ("aligned", "sparse", "mask"):
+        raise UserError(f"cannot export a model whose forward takes {('image', *names)}: only image-only models and "
+                        "completion networks (image, aligned, sparse, mask) are supported")  # fmt: skip
+    rng = np.random.default_rng(seed)
+    low, high = float(model.min_depth), float(model.max_depth)
+    smooth = smooth_random_image(size, seed + 100)[..., 0].astype(np.float32) / 255.0
+    aligned = (low + (0.05 + 0.9 * smooth) * (high - low))[None, None]
+    mask = (rng.random(aligned.shape) < 0.05).astype(np.float32)
+    sparse = aligned * (1 + 0.1 * rng.standard_normal(aligned.shape).astype(np.float32)) * mask
+    return {"aligned": aligned, "sparse": np.clip(sparse, 0, high).astype(np.float32), "mask": mask}
+
+
+def smooth_random_image(size: tuple[int, int], seed: int) -> np.ndarray:
+    """(H, W, 3) uint8: low-frequency colour noise over a vertical gradient, closer to a photo than white noise."""
+    rng = np.random.default_rng(seed)
+    height, width = size
+    coarse = rng.uniform(0, 255, (max(2, height // 16), max(2, width // 16), 3)).astype(np.float32)
+    image = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
+    image = 0.7 * image + 0.3 * np.linspace(220, 40, height, dtype=np.float32)[:, None, None]
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    """max |actual - expected| / |expected|, the denominator floored at 0.1 % of max |expected| (near-zero values)."""
+    expected = np.asarray(expected, np.float64)
+    floor = max(1e-3 * float(np.abs(expected).max(initial=0.0)), 1e-12)
+    return float((np.abs(np.asarray(actual, np.float64) - expected) / np.maximum(np.abs(expected), floor)).max())
+
+
+def check_parity(wrapper: nn.Module, path: Path, samples: list[dict[str, np.ndarray]]) -> float:
+    """Worst relative error of ONNX Runtime (CPU) against PyTorch over all outputs and samples."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for sample in samples:
+        with torch.no_grad():
+            expected = wrapper(*(torch.from_numpy(value) for value in sample.values()))
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        actual = session.run(None, sample)
+        for got, want in zip(actual, expected):
+            worst = max(worst, relative_error(got, want.numpy()))
+    return worst
+
+
+def print_usage(paths: list[Path]) -> None:
+    """What was written and the commands that run it (the node, its launch file, the benchmark)."""
+    if not paths:
+        return
+    print("exported:")
+    for path in paths:
+        print(f"  {path}")
+    model = paths[-1].resolve()
+    print("run it:")
+    print(
+        f"  depth_node --ros-args --params-file config/kitti.yaml -p model:={model} "
+        "-r image:=/kitti/camera_color_left/image_raw -r camera_info:=/kitti/camera_color_left/camera_info"
+    )
+    print(f"  ros2 launch depth_node kitti.launch.py model:={model}")
+    print(f"  distill bench {model}")
