@@ -82,9 +82,15 @@ def open_for_bench(model: Path, backend: str, size: tuple[int, int] | None, thre
     return engine, size
 
 
-def run_bench(model: Path, backend: str = "onnxruntime", size: tuple[int, int] | None = None, runs: int = 50) -> dict:
-    """The `distill bench` verb: print one latency line and return it as a dict."""
-    engine, size = open_for_bench(model, backend, size)
+def run_bench(
+    model: Path,
+    backend: str = "onnxruntime",
+    size: tuple[int, int] | None = None,
+    runs: int = 50,
+    threads: int | None = None,
+) -> dict:
+    """The `distill bench` verb: print one latency line and return it as a dict (threads None: ORT's default)."""
+    engine, size = open_for_bench(model, backend, size, threads)
     result = bench_engine(engine, Path(model).name, size, runs)
     print(format_table([result]))
     return asdict(result)

@@ -69,7 +69,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from distill.bench import run_bench
 
-    run_bench(args.model, backend=args.backend, size=args.size, runs=args.runs)
+    run_bench(args.model, backend=args.backend, size=args.size, runs=args.runs, threads=args.threads)
     return 0
 
 
@@ -136,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--backend", default="onnxruntime")
     bench.add_argument("--size", type=parse_size, default=None, help="HEIGHTxWIDTH (default: the model's)")
     bench.add_argument("--runs", type=int, default=50)
+    bench.add_argument("--threads", type=int, default=None, help="CPU inference threads (default: ONNX Runtime's)")
     bench.set_defaults(func=cmd_bench)
     return parser
 
