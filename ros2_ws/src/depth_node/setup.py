@@ -14,10 +14,10 @@ setup(
         ("share/ament_index/resource_index/packages", ["resource/" + package_name]),
         ("share/" + package_name, ["package.xml"]),
         # launch/ and config/ are links to the repository's top-level folders, so there is one copy of each.
-        ("share/" + package_name + "/launch", glob("launch/*.launch.py")),
+        ("share/" + package_name + "/launch", sorted(glob("launch/*.launch.py"))),
         ("share/" + package_name + "/config", ["config/kitti.yaml"]),
     ],
-    install_requires=["setuptools", "numpy", "opencv-python-headless", "onnxruntime", "rosbags", "tqdm"],
+    install_requires=["setuptools", "numpy", "opencv-python-headless", "onnxruntime", "rosbags", "tqdm", "pyyaml"],
     zip_safe=True,
     maintainer="depthkd maintainers",
     maintainer_email="maintainers@depthkd.invalid",

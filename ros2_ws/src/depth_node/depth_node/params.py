@@ -1,26 +1,173 @@
-"""The node's parameters, declared once: name -> (default, description). ROS-free so the bag tool shares them.
+"""The node's parameters, declared once: name -> ParamSpec(default, description, choices). ROS-free.
 
-README's parameter table mirrors this dict.
+The live node declares exactly these (rclpy), `depth_node_bag` reads the same keys from a params file, and
+docs/node_parameters.md (README's table) lists them; tests/test_package.py keeps the three in step.
+Values are checked here, so a typo in a YAML file or on `-p` is one clear start-up error naming the key.
 """
 
-PARAMETERS: dict[str, tuple[object, str]] = {
-    "model": ("", "path to the exported model (.onnx, or a TensorRT .engine)"),
-    "backend": ("auto", "auto | onnxruntime | tensorrt (auto: TensorRT > ORT-CUDA > ORT-CPU)"),
-    "device": (0, "CUDA device index for GPU backends"),
-    "threads": (0, "CPU inference threads (0: ONNX Runtime default)"),
-    "image_transport": ("raw", "raw (subscribe `image`) | compressed (subscribe `image/compressed`)"),
-    "publish_points": (True, "publish the organised point cloud on `points`"),
-    "points_stride": (1, "keep every n-th row/column in `points`"),
-    "colorize_points": (False, "add PCL-packed rgb to `points`"),
-    "min_depth": (0.0, "metres; closer is published as -Inf (0: the model's minimum)"),
-    "max_depth": (0.0, "metres; farther is published as +Inf (0: the model's maximum)"),
-    "use_lidar": (False, "subscribe `lidar` (PointCloud2) for metric alignment/completion"),
-    "lidar_to_camera": ([float(i % 5 == 0) for i in range(16)], "4x4 row-major LiDAR->camera (default identity)"),
-    "lidar_max_dt": (0.05, "seconds; max stamp difference when pairing a cloud with an image"),
-    "lazy": (True, "skip inference while nobody subscribes to any output"),
-    "sub_reliability": ("best_effort", "input QoS reliability: best_effort | reliable"),
-    "sub_depth": (1, "input QoS queue depth (keep last)"),
-    "pub_reliability": ("reliable", "output QoS reliability: reliable | best_effort"),
-    "pub_depth": (2, "output QoS queue depth (keep last)"),
-    "diagnostics_period": (1.0, "seconds between `diagnostics` messages"),
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import yaml
+
+IDENTITY_4X4 = [float(row == col) for row in range(4) for col in range(4)]
+
+
+class ParamSpec(NamedTuple):
+    """default (its type is the parameter's type), one-line description, allowed values for strings."""
+
+    default: Any
+    description: str
+    choices: tuple[str, ...] = ()
+
+
+PARAMETERS: dict[str, ParamSpec] = {
+    "model": ParamSpec("", "path to the exported model (.onnx, or a TensorRT .engine); required"),
+    "backend": ParamSpec(
+        "auto",
+        "auto (TensorRT > ORT-CUDA > ORT-CPU) or one backend",
+        ("auto", "tensorrt", "onnxruntime", "onnxruntime-tensorrt", "onnxruntime-cuda", "onnxruntime-cpu"),
+    ),
+    "device": ParamSpec(0, "CUDA device index for GPU backends"),
+    "threads": ParamSpec(0, "CPU inference threads (0: ONNX Runtime default, all cores)"),
+    "resize": ParamSpec(
+        "stretch", "fit the image to a fixed model input: stretch, or letterbox (keep aspect)", ("stretch", "letterbox")
+    ),
+    "image_transport": ParamSpec(
+        "raw", "raw (subscribe `image`) or compressed (`image/compressed`)", ("raw", "compressed")
+    ),
+    "publish_points": ParamSpec(True, "publish the organised point cloud on `points`"),
+    "points_stride": ParamSpec(1, "keep every n-th row and column in `points`"),
+    "colorize_points": ParamSpec(False, "add PCL-packed `rgb` to `points`"),
+    "min_depth": ParamSpec(0.0, "metres; nearer is published as -Inf (0: the model's minimum)"),
+    "max_depth": ParamSpec(0.0, "metres; farther is published as +Inf (0: the model's maximum)"),
+    "use_lidar": ParamSpec(False, "subscribe `lidar` (PointCloud2) and align the depth to it (metric scale)"),
+    "lidar_to_camera": ParamSpec(IDENTITY_4X4, "4x4 row-major transform taking LiDAR points into the camera frame"),
+    "use_tf": ParamSpec(False, "take the LiDAR->camera transform from TF instead of `lidar_to_camera` (tf2_ros)"),
+    "lidar_max_dt": ParamSpec(0.05, "seconds; a cloud pairs with the image nearest in stamp within this"),
+    "lidar_min_points": ParamSpec(20, "fewer LiDAR points in the image than this: no alignment for the frame"),
+    "alignment_method": ParamSpec("huber", "robust scale/shift fit: huber (IRLS) or ransac", ("huber", "ransac")),
+    "alignment_momentum": ParamSpec(0.9, "temporal smoothing of scale/shift in [0, 1) (0: per frame)"),
+    "lazy": ParamSpec(True, "no inference while nobody subscribes to an output"),
+    "sub_reliability": ParamSpec("best_effort", "input QoS reliability", ("best_effort", "reliable")),
+    "sub_depth": ParamSpec(1, "input QoS queue depth (keep last)"),
+    "pub_reliability": ParamSpec("reliable", "output QoS reliability", ("reliable", "best_effort")),
+    "pub_depth": ParamSpec(2, "output QoS queue depth (keep last)"),
+    "diagnostics_period": ParamSpec(1.0, "seconds between `diagnostics` messages"),
 }
+
+
+def defaults() -> dict[str, Any]:
+    """Every parameter at its default."""
+    return {name: spec.default for name, spec in PARAMETERS.items()}
+
+
+def check_names(names: list[str], source: str) -> None:
+    """Raise ValueError for names that are not parameters, suggesting the closest one."""
+    for name in names:
+        if name not in PARAMETERS:
+            close = difflib.get_close_matches(name, PARAMETERS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ValueError(f"{source}: unknown depth_node parameter '{name}'{hint}")
+
+
+def resolve(values: dict[str, Any]) -> dict[str, Any]:
+    """Defaults overlaid with `values`, each converted to its parameter's type and checked.
+
+    Raises:
+        ValueError: unknown name, wrong type, a string outside its choices, or an out-of-range number,
+            naming the parameter.
+    """
+    check_names(list(values), "parameters")
+    params = defaults() | dict(values)
+    for name, spec in PARAMETERS.items():
+        params[name] = _convert(name, params[name], spec)
+    _check_ranges(params)
+    return params
+
+
+def _convert(name: str, value: Any, spec: ParamSpec) -> Any:
+    default = spec.default
+    problem = f"parameter '{name}' must be"
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{problem} true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+            raise ValueError(f"{problem} an integer, got {value!r}")
+        return int(value)
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"{problem} a finite number, got {value!r}")
+        return float(value)
+    if isinstance(default, list):
+        items = list(value) if hasattr(value, "__iter__") and not isinstance(value, str | bytes) else None
+        if items is None or not all(_is_number(v) for v in items):  # rclpy gives arrays as array.array
+            raise ValueError(f"{problem} a list of numbers, got {value!r}")
+        return [float(v) for v in items]
+    if not isinstance(value, str) or (spec.choices and value not in spec.choices):
+        expected = f"one of {', '.join(spec.choices)}" if spec.choices else "a string"
+        raise ValueError(f"{problem} {expected}, got {value!r}")
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_ranges(params: dict[str, Any]) -> None:
+    positive = ("points_stride", "sub_depth", "pub_depth", "lidar_min_points")
+    for name in positive:
+        if params[name] < 1:
+            raise ValueError(f"parameter '{name}' must be >= 1, got {params[name]}")
+    for name in ("min_depth", "max_depth", "lidar_max_dt", "device", "threads"):
+        if params[name] < 0:
+            raise ValueError(f"parameter '{name}' must be >= 0, got {params[name]}")
+    if params["max_depth"] and params["min_depth"] >= params["max_depth"]:
+        raise ValueError(f"parameter 'min_depth' ({params['min_depth']}) must be < 'max_depth' ({params['max_depth']})")
+    if not 0.0 <= params["alignment_momentum"] < 1.0:
+        raise ValueError(f"parameter 'alignment_momentum' must be in [0, 1), got {params['alignment_momentum']}")
+    if params["diagnostics_period"] <= 0:
+        raise ValueError(f"parameter 'diagnostics_period' must be > 0, got {params['diagnostics_period']}")
+    lidar_to_camera_matrix(params["lidar_to_camera"])
+
+
+def lidar_to_camera_matrix(values: list[float]) -> np.ndarray:
+    """The `lidar_to_camera` parameter (16 numbers, row-major) as a (4, 4) float64 rigid transform."""
+    if len(values) != 16:
+        raise ValueError(f"parameter 'lidar_to_camera' must have 16 values (4x4 row-major), got {len(values)}")
+    matrix = np.asarray(values, dtype=np.float64).reshape(4, 4)
+    if not np.allclose(matrix[3], [0.0, 0.0, 0.0, 1.0]):
+        raise ValueError(f"parameter 'lidar_to_camera': the last row must be 0 0 0 1, got {matrix[3].tolist()}")
+    return matrix
+
+
+def load_params_file(path: Path) -> dict[str, Any]:
+    """The `ros__parameters` of a ROS 2 params file (the section of node `depth_node`, or the only one), unchecked.
+
+    Raises:
+        ValueError: unreadable YAML, or no `<node>: ros__parameters:` section.
+    """
+    try:
+        document = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ValueError(f"cannot read params file {path}: {error}") from None
+    if not isinstance(document, dict):
+        raise ValueError(f"{path}: expected '<node>: ros__parameters:' at the top level")
+    sections = {
+        node: section["ros__parameters"]
+        for node, section in document.items()
+        if isinstance(section, dict) and isinstance(section.get("ros__parameters"), dict)
+    }
+    for node in ("depth_node", "/depth_node", "/**"):
+        if node in sections:
+            return sections[node]
+    if len(sections) == 1:
+        return next(iter(sections.values()))
+    raise ValueError(f"{path}: no 'depth_node: ros__parameters:' section (found {sorted(sections) or 'none'})")

@@ -1,29 +1,46 @@
 """The per-frame depth pipeline shared by the live node and the offline bag tool (no ROS, no torch).
 
-RGB image + projection matrix in; depth with REP 117 states, optional confidence, optional organised cloud and
-per-stage timings out. The node and `depth_node_bag` only convert messages around it.
+RGB image + projection matrix (+ an optional LiDAR scan) in; depth with REP 117 states, optional confidence,
+optional organised cloud, the LiDAR alignment used and per-stage timings out. The node and `depth_node_bag` only
+convert messages around it.
+
+LiDAR (methods.md §7, stage 2): the scan is projected with the LiDAR->camera transform and P, the model output is
+robustly aligned to it (scale and shift; in depth space for metric and relative-depth models, in inverse space for
+relative-disparity ones) with a temporal prior, and the aligned depth is what `depth` carries. A learned completion
+network plugs in through `DepthPipeline.completion`.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from depth_node.completion import Alignment, AlignmentPrior, align_depth, apply_alignment, project_lidar
 from depth_node.engine import DepthEngine
 from depth_node.geometry import backproject
+from depth_node.params import lidar_to_camera_matrix
+
+# (rgb (H, W, 3) uint8, aligned depth (H, W) metres, sparse LiDAR depth (H, W) metres 0 = none) -> (H, W) metres.
+Completion = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
 @dataclass
 class PipelineOptions:
-    """Per-node processing options (ROS parameters of the same names).
+    """Per-node processing options (ROS parameters of the same names, see depth_node.params).
 
     Attributes:
-        min_depth, max_depth: metres; 0 takes the model's own range from its metadata.
+        min_depth, max_depth: metres; 0 takes the model's own range for a metric model's output, and no limit for
+            LiDAR-aligned depth.
         publish_points: build the organised cloud.
         points_stride: keep every n-th row and column in the cloud.
         colorize_points: add PCL-packed rgb to the cloud.
+        use_lidar: align to LiDAR scans passed to `process`.
+        lidar_to_camera: (4, 4) transform taking LiDAR points into the camera frame.
+        lidar_min_points, alignment_method, alignment_momentum: see `completion.align_depth` / `AlignmentPrior`.
     """
 
     min_depth: float = 0.0
@@ -31,17 +48,28 @@ class PipelineOptions:
     publish_points: bool = True
     points_stride: int = 1
     colorize_points: bool = False
+    use_lidar: bool = False
+    lidar_to_camera: np.ndarray = field(default_factory=lambda: np.eye(4))
+    lidar_min_points: int = 20
+    alignment_method: str = "huber"
+    alignment_momentum: float = 0.9
 
     @classmethod
     def from_params(cls, params: dict) -> PipelineOptions:
-        """From the node's parameter values (see depth_node.params.PARAMETERS)."""
-        return cls(
-            min_depth=float(params["min_depth"]),
-            max_depth=float(params["max_depth"]),
-            publish_points=bool(params["publish_points"]),
-            points_stride=int(params["points_stride"]),
-            colorize_points=bool(params["colorize_points"]),
+        """From checked parameter values (`depth_node.params.resolve`)."""
+        names = (
+            "min_depth",
+            "max_depth",
+            "publish_points",
+            "points_stride",
+            "colorize_points",
+            "use_lidar",
+            "lidar_min_points",
+            "alignment_method",
+            "alignment_momentum",
         )
+        transform = lidar_to_camera_matrix(params["lidar_to_camera"])
+        return cls(**{name: params[name] for name in names}, lidar_to_camera=transform)
 
 
 @dataclass
@@ -49,64 +77,160 @@ class FrameResult:
     """Outputs for one frame.
 
     Attributes:
-        depth: (H, W) float32 metres at the input image resolution; NaN invalid, +Inf beyond max_depth,
-            -Inf closer than min_depth (REP 117).
+        depth: (H, W) float32 at the input image resolution. When `metric`: metres, NaN invalid, +Inf beyond
+            max_depth (sky), -Inf nearer than min_depth (REP 117); else the model's relative output (unitless).
+        metric: whether `depth` is metric (the model is, or it was aligned to LiDAR): `depth` vs `depth/relative`.
+        mono: (H, W) float32 raw model output (REP 117 states when the model is metric) when LiDAR is in use, else
+            None: the node publishes it on `depth/mono`.
+        alignment: the LiDAR alignment of this frame (check `.ok`), or None without LiDAR.
         confidence: (H, W) float32 in [0, 1], or None when the model has no bins.
-        points: (H/stride, W/stride, 3) float32 metres in the camera optical frame, NaN where depth is not finite,
-            or None when points are off.
-        colors: (H/stride, W/stride, 3) uint8 RGB matching points, or None.
-        metric: whether `depth` is metric (else it is relative and belongs on `depth/relative`).
-        timings_ms: stage name -> milliseconds (preprocess, inference, postprocess, cloud).
+        points: (ceil(H/stride), ceil(W/stride), 3) float32 metres in the camera optical frame, NaN where depth is
+            not finite; None when points are off or depth is not metric.
+        colors: uint8 RGB matching points, or None.
+        timings_ms: stage -> milliseconds (preprocess, inference, postprocess, align, cloud).
     """
 
     depth: np.ndarray
-    confidence: np.ndarray | None
-    points: np.ndarray | None
-    colors: np.ndarray | None
     metric: bool
+    mono: np.ndarray | None = None
+    alignment: Alignment | None = None
+    confidence: np.ndarray | None = None
+    points: np.ndarray | None = None
+    colors: np.ndarray | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
 def apply_rep117(depth: np.ndarray, min_depth: float, max_depth: float) -> np.ndarray:
-    """Mark out-of-range pixels the REP 117 way. depth: (H, W) float32 metres, modified copy returned.
+    """Mark out-of-range pixels the REP 117 way. depth: (H, W) metres; a float32 copy is returned.
 
-    A model clamps to its range, so a prediction at max_depth means "at least max_depth" (sky): +Inf.
+    Non-finite values become NaN (invalid). A model clamps to its range, so a prediction at max_depth means "at least
+    max_depth" (sky): +Inf; at or below min_depth: -Inf.
     """
-    out = depth.astype(np.float32, copy=True)
-    finite = np.isfinite(out)
-    out[~finite] = np.nan
+    out = np.array(depth, dtype=np.float32, copy=True)
     with np.errstate(invalid="ignore"):
-        out[finite & (out >= max_depth * (1 - 1e-4))] = np.inf
-        out[finite & (out <= min_depth)] = -np.inf
+        out[~np.isfinite(out)] = np.nan
+        out[out >= max_depth * (1 - 1e-4)] = np.inf  # NaN compares False: stays NaN
+        out[out <= min_depth] = -np.inf
+    return out
+
+
+def aligned_states(raw: np.ndarray, aligned: np.ndarray, space: str, min_depth: float, max_depth: float):
+    """REP 117 states of LiDAR-aligned depth. Returns a float32 (H, W) copy of `aligned` with them set.
+
+    Args:
+        raw: (H, W) the prediction the alignment was applied to (±Inf kept from a metric model's own states).
+        aligned: (H, W) `completion.apply_alignment(raw, ...)`: metres, NaN where not positive.
+        space: "depth" or "inverse"; in inverse space a non-positive aligned disparity is beyond any range: +Inf.
+        min_depth, max_depth: metres, 0 = no limit.
+    """
+    beyond = np.isfinite(raw) & np.isnan(aligned) if space == "inverse" else np.isposinf(raw)
+    out = apply_rep117(aligned, min_depth, max_depth or np.inf)
+    out[beyond] = np.inf
+    out[np.isneginf(raw)] = -np.inf
     return out
 
 
 class DepthPipeline:
-    """Runs an engine on RGB frames and derives everything the node publishes."""
+    """Runs an engine on RGB frames and derives everything the node publishes.
 
-    def __init__(self, engine: DepthEngine, options: PipelineOptions):
-        self.engine = engine
-        self.options = options
-        meta = engine.metadata
-        self.min_depth = options.min_depth or float(meta.min_depth)
-        self.max_depth = options.max_depth or float(meta.max_depth)
-        self.metric = meta.output_kind == "metric"
+    Attributes:
+        completion: optional learned depth completion, run on LiDAR-aligned frames (see `Completion`).
+        prior: the temporal state of the LiDAR alignment (reset it when the scene changes, e.g. a new bag).
+    """
+
+    def __init__(self, engine: DepthEngine, options: PipelineOptions, completion: Completion | None = None):
         if options.points_stride < 1:
             raise ValueError(f"points_stride must be >= 1, got {options.points_stride}")
+        self.engine = engine
+        self.options = options
+        self.completion = completion
+        meta = engine.metadata
+        self.model_metric = meta.output_kind == "metric"
+        self.min_depth = options.min_depth or float(meta.min_depth)
+        self.max_depth = options.max_depth or float(meta.max_depth)
+        self.space = "inverse" if meta.output_kind == "relative_disparity" else "depth"
+        self.prior = AlignmentPrior(momentum=options.alignment_momentum)
 
-    def process(self, rgb: np.ndarray, projection: np.ndarray) -> FrameResult:
-        """One frame. rgb: (H, W, 3) uint8; projection: (3, 4) P of this image (pixels)."""
+    def process(
+        self,
+        rgb: np.ndarray,
+        projection: np.ndarray,
+        lidar_points: np.ndarray | None = None,
+        lidar_to_camera: np.ndarray | None = None,
+        want_points: bool = True,
+    ) -> FrameResult:
+        """One frame.
+
+        Args:
+            rgb: (H, W, 3) uint8.
+            projection: (3, 4) P of this image (pixels).
+            lidar_points: (N, 3) metres in the LiDAR frame paired with this image, or None when there is none
+                (used only with options.use_lidar; a missing or empty scan falls back on the temporal prior).
+            lidar_to_camera: (4, 4) LiDAR->camera transform for this scan (e.g. from TF); default the option's.
+            want_points: build the cloud (with options.publish_points); False when nobody listens to it.
+        """
         result = self.engine.infer(rgb)
         timings = dict(result.timings)
-        depth = result.depth
-        if self.metric:
-            depth = apply_rep117(depth, self.min_depth, self.max_depth)
-        points = colors = None
-        if self.options.publish_points and self.metric:
+        raw = apply_rep117(result.depth, self.min_depth, self.max_depth) if self.model_metric else result.depth
+        frame = FrameResult(raw, self.model_metric, confidence=result.confidence, timings_ms=timings)
+        if self.options.use_lidar:
+            start = time.perf_counter()
+            self._align(frame, rgb, projection, lidar_points, lidar_to_camera)
+            timings["align"] = (time.perf_counter() - start) * 1e3
+        if want_points and self.options.publish_points and frame.metric:
             start = time.perf_counter()
             stride = self.options.points_stride
-            points = backproject(depth, projection, stride=stride)
+            frame.points = backproject(frame.depth, projection, stride=stride)
             if self.options.colorize_points:
-                colors = np.ascontiguousarray(rgb[::stride, ::stride])
+                frame.colors = np.ascontiguousarray(rgb[::stride, ::stride])
             timings["cloud"] = (time.perf_counter() - start) * 1e3
-        return FrameResult(depth, result.confidence, points, colors, self.metric, timings)
+        return frame
+
+    def _align(self, frame: FrameResult, rgb: np.ndarray, projection, lidar_points, lidar_to_camera) -> None:
+        """Replace frame.depth by the LiDAR-aligned depth when the fit (or the prior) is usable."""
+        raw = frame.depth
+        height, width = raw.shape
+        transform = self.options.lidar_to_camera if lidar_to_camera is None else lidar_to_camera
+        if lidar_points is not None and len(lidar_points):
+            sparse = project_lidar(lidar_points, transform, projection, height, width)
+        else:
+            sparse = np.zeros((height, width), np.float32)
+        options = self.options
+        alignment = align_depth(
+            raw,
+            sparse,
+            space=self.space,
+            method=options.alignment_method,
+            min_points=options.lidar_min_points,
+            prior=self.prior,
+        )
+        frame.mono, frame.alignment = raw, alignment
+        if not alignment.ok:
+            return
+        limits = (options.min_depth, options.max_depth)
+        aligned = aligned_states(raw, apply_alignment(raw, alignment), self.space, *limits)
+        if self.completion is not None:
+            aligned = self.completion(rgb, aligned, sparse)
+        frame.depth, frame.metric = aligned, True
+
+
+class StampBuffer:
+    """The last few stamped items (e.g. LiDAR scans), looked up by nearest stamp: pairing without waiting.
+
+    Thread-safe for one writer and one reader (deque appends and snapshots are atomic in CPython).
+    """
+
+    def __init__(self, size: int = 5):
+        self._items: deque[tuple[int, object]] = deque(maxlen=size)
+
+    def add(self, stamp_ns: int, item: object) -> None:
+        self._items.append((int(stamp_ns), item))
+
+    def nearest(self, stamp_ns: int, max_dt: float) -> tuple[object | None, float]:
+        """(item nearest to stamp_ns within max_dt seconds or None, |dt| seconds of the nearest, inf when empty)."""
+        best, best_dt = None, float("inf")
+        for stamp, item in list(self._items):
+            dt = abs(stamp - int(stamp_ns)) * 1e-9
+            if dt < best_dt:
+                best, best_dt = item, dt
+        return (best if best_dt <= max_dt else None), best_dt
