@@ -9,12 +9,11 @@ Without `launch` (PyPI ROS 2) the same is:
 import os
 
 from ament_index_python.packages import get_package_share_directory
+from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
-
-from launch import LaunchDescription
 
 CAMERA = "/kitti/camera_color_left"
 REMAPPINGS = [

@@ -18,7 +18,6 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import yaml
@@ -108,7 +107,7 @@ class BagRun:
 
     def handle(self, role: str, message, timestamp: int) -> None:
         if role == "camera_info":
-            self.info = camera_info_fields(message)
+            self.info = conversions.ros2_camera_info(message)
         elif role == "lidar":
             self.clouds.add(stamp_ns(message.header), message)
         elif role == "tf":
@@ -235,14 +234,6 @@ class BagRun:
                 point_field(name=f.name, offset=f.offset, datatype=f.datatype, count=f.count) for f in cloud_fields
             ],
         )
-
-
-def camera_info_fields(msg):
-    """A CameraInfo with ROS 2 field names: ROS 1 bags spell D, K, R, P in capitals."""
-    if hasattr(msg, "k"):
-        return msg
-    names = ("header", "height", "width", "distortion_model", "binning_x", "binning_y", "roi")
-    return SimpleNamespace(**{n: getattr(msg, n) for n in names}, d=msg.D, k=msg.K, r=msg.R, p=msg.P)
 
 
 def stamp_ns(header) -> int:

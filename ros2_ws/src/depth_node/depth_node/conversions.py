@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import array
 import copy
+from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import cv2
@@ -237,6 +238,14 @@ def depth_to_image_msg(depth: np.ndarray, header: Any) -> Any:
     if depth.ndim != 2:
         raise ValueError(f"depth must be (H, W), got shape {depth.shape}")
     return new_message(Image, header=header, **numpy_to_image_fields(depth, "32FC1"))
+
+
+def ros2_camera_info(msg: Any) -> Any:
+    """A CameraInfo with ROS 2 field names (d, k, r, p): ROS 1 bags spell D, K, R, P in capitals."""
+    if hasattr(msg, "k"):
+        return msg
+    names = ("header", "height", "width", "distortion_model", "binning_x", "binning_y", "roi")
+    return SimpleNamespace(**{n: getattr(msg, n) for n in names}, d=msg.D, k=msg.K, r=msg.R, p=msg.P)
 
 
 def camera_info_to_P(msg: Any) -> np.ndarray:
