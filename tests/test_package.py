@@ -94,7 +94,7 @@ def _doc_default(value) -> str:
 
 
 def test_parameter_table_lists_every_parameter_with_its_default():
-    section = (REPO / "docs" / "node_parameters.md").read_text().split("### Parameters")[1]
+    section = (REPO / "README.md").read_text().split("### Parameters")[1].split("\n## ")[0]
     rows = [line.split("|")[1:4] for line in section.splitlines() if line.startswith("| `")]
     table = {name.strip(" `"): default.strip(" `") for name, _, default in rows}
     assert list(table) == list(params.PARAMETERS)

@@ -1,5 +1,5 @@
 """ROS 2 depth node: camera frames in; `depth` (32FC1 metres), `depth/camera_info`, `points`, `depth/confidence`,
-`depth/mono` (with LiDAR) and `diagnostics` out. Topic and parameter tables: docs/node_parameters.md.
+`depth/mono` (with LiDAR) and `diagnostics` out. Topic and parameter tables: README.md.
 
 A thin adapter: messages -> arrays (conversions) -> DepthPipeline (engine, LiDAR alignment, geometry) -> messages.
 Inference runs on a worker thread on the newest frame only: a frame arriving while the worker is busy replaces the

@@ -1,7 +1,7 @@
 """The node's parameters, declared once: name -> ParamSpec(default, description, choices). ROS-free.
 
 The live node declares exactly these (rclpy), `depth_node_bag` reads the same keys from a params file, and
-docs/node_parameters.md (README's table) lists them; tests/test_package.py keeps the three in step.
+README.md ("Parameters" table) lists them; tests/test_package.py keeps the three in step.
 Values are checked here, so a typo in a YAML file or on `-p` is one clear start-up error naming the key.
 """
 
