@@ -4,20 +4,27 @@ Layout of one checkpoint folder (`run_dir/last`, `run_dir/best`):
     model.safetensors      the trained model's state dict (rebuild the model from state.json "model", its spec)
     optimizer.safetensors  the optimizer's tensors (Adam moments, steps), referenced from state.json
     method.safetensors     trainable modules of a KD method besides the model (absent for supervised training)
-    state.json             step, epoch, lr, optimizer non-tensor state, grad scaler, RNG states, resolved config
+    state.json             step, epoch, lr, optimizer non-tensor state, grad scaler, RNG states, resolved config, and
+                           "files": the size and SHA-256 of each file above (the manifest a load verifies)
 
-A folder is written beside the target and swapped in with renames, so a kill at any moment leaves either the old
-or the new checkpoint complete; `resolve_checkpoint` also finds the old one if a kill hit between the two renames.
+Crash safety: a checkpoint is written into `.NAME.tmp` beside its target, tensors first and flushed to disk, then
+state.json, so a state.json exists only once the files it lists are complete. The folder is swapped in with two
+renames (NAME -> .NAME.old, .NAME.tmp -> NAME). A kill at any moment (even a power loss) leaves at least one
+complete checkpoint among NAME, .NAME.old and .NAME.tmp: `resolve_checkpoint` verifies them against their manifest
+and takes the newest complete one, with a warning for each one it skips, and the next save publishes it first.
+Checkpoints hold no pickles: tensors are read with safetensors, everything else is JSON.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import logging
 import os
 import random
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +35,8 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from distill.errors import UserError
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 MODEL_FILE = "model.safetensors"
@@ -42,12 +51,12 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     method_tensors: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write a checkpoint folder atomically (see module docstring).
+    """Write a checkpoint folder so that a kill at any moment leaves a complete one (see module docstring).
 
     Args:
         directory: the checkpoint folder to (re)place, e.g. run_dir / "last".
         model: the unwrapped model (not DDP); must carry `.spec` for `load_model_from_checkpoint`.
-        state: JSON-able run state (step, epoch, lr, config, rng, ...); "model" and "optimizer" are added here.
+        state: JSON-able run state (step, epoch, lr, config, rng, ...); "model", "optimizer" and "files" are added.
         optimizer: its state is split into tensors (optimizer.safetensors) and the rest (state.json).
         method_tensors: extra named tensors of a KD method, or None.
 
@@ -55,27 +64,60 @@ def save_checkpoint(
         The checkpoint folder.
     """
     directory = Path(directory)
-    tmp = directory.with_name(f".{directory.name}.tmp")
-    old = directory.with_name(f".{directory.name}.old")
+    tmp, old = _variant(directory, "tmp"), _variant(directory, "old")
+    _publish_newest(directory)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / MODEL_FILE))
-    full_state = {**state, "model": getattr(model, "spec", None)}
-    if optimizer is not None:
-        tensors: dict[str, torch.Tensor] = {}
-        full_state["optimizer"] = _split_tensors(optimizer.state_dict(), "", tensors)
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / OPTIMIZER_FILE))
-    if method_tensors:
-        save_file({k: v.detach().cpu().contiguous() for k, v in method_tensors.items()}, str(tmp / METHOD_FILE))
-    (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=1))
-    _fsync(*tmp.iterdir(), tmp)
-    shutil.rmtree(old, ignore_errors=True)
+    _write_folder(tmp, model, state, optimizer, method_tensors)
+    shutil.rmtree(old, ignore_errors=True)  # `directory`, when it exists, is complete: the older copy can go
     if directory.exists():
         os.replace(directory, old)
     os.replace(tmp, directory)
     _fsync(directory.parent)
     shutil.rmtree(old, ignore_errors=True)
     return directory
+
+
+def _write_folder(
+    folder: Path,
+    model: nn.Module,
+    state: Mapping[str, Any],
+    optimizer: torch.optim.Optimizer | None,
+    method_tensors: Mapping[str, torch.Tensor] | None,
+) -> None:
+    """The checkpoint's files in a new folder: tensors first, flushed, then state.json with their manifest."""
+    folder.mkdir(parents=True)
+    save_model(model, str(folder / MODEL_FILE))
+    full_state = {**state, "model": getattr(model, "spec", None)}
+    if optimizer is not None:
+        tensors: dict[str, torch.Tensor] = {}
+        full_state["optimizer"] = _split_tensors(optimizer.state_dict(), "", tensors)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(folder / OPTIMIZER_FILE))
+    if method_tensors:
+        save_file({k: v.detach().cpu().contiguous() for k, v in method_tensors.items()}, str(folder / METHOD_FILE))
+    files = sorted(folder.iterdir())
+    _fsync(*files)
+    full_state["files"] = {path.name: {"bytes": path.stat().st_size, "sha256": _sha256(path)} for path in files}
+    (folder / STATE_FILE).write_text(json.dumps(full_state, indent=1))
+    _fsync(folder / STATE_FILE, folder)
+
+
+def _variant(directory: Path, kind: str) -> Path:
+    """.NAME.tmp (being written) or .NAME.old (being replaced) beside checkpoint folder NAME."""
+    return directory.with_name(f".{directory.name}.{kind}")
+
+
+def _publish_newest(directory: Path) -> None:
+    """After a kill during a save, make the newest complete of NAME, .NAME.tmp and .NAME.old the folder NAME, so the
+    save that follows never deletes the only (or the newest) complete checkpoint. A no-op without leftovers."""
+    leftovers = [v for v in (_variant(directory, "tmp"), _variant(directory, "old")) if v.exists()]
+    if not leftovers:
+        return
+    newest, _ = _newest_complete([directory, *leftovers])
+    if newest is None or newest == directory:
+        return
+    if directory.exists():
+        shutil.rmtree(directory)  # older or incomplete; a kill meanwhile still leaves `newest` complete
+    os.replace(newest, directory)
 
 
 def _fsync(*paths: Path) -> None:
@@ -88,35 +130,102 @@ def _fsync(*paths: Path) -> None:
             os.close(fd)
 
 
-def resolve_checkpoint(path: Path | str, prefer: tuple[str, ...] = ("best", "last")) -> Path:
-    """The checkpoint folder meant by `path`: a checkpoint folder, a file inside one, or a run folder.
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while block := file.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
-    For a run folder the first existing of `prefer` (sub-folders) is taken; a folder left as `.NAME.old` by a kill
-    during a swap counts as NAME.
+
+def verify_checkpoint(directory: Path) -> dict:
+    """state.json of a checkpoint folder once every file its manifest lists is there with the right size and hash.
+
+    Checkpoints written before manifests existed only need their model file.
 
     Raises:
-        UserError: nothing that looks like a checkpoint at `path`.
+        UserError: naming the file that is missing, truncated or corrupt.
+    """
+    directory = Path(directory)
+    if not (directory / STATE_FILE).is_file():
+        raise UserError(f"{directory}: incomplete checkpoint (no {STATE_FILE}: was it killed while being written?)")
+    state = read_state(directory)
+    files = state.get("files", {MODEL_FILE: None})
+    malformed = not isinstance(files, dict) or any(Path(n).name != n for n in files)  # names of files in the folder
+    if malformed or not all(isinstance(entry, dict | None) for entry in files.values()):
+        raise UserError(f"{directory / STATE_FILE}: malformed manifest (files)")
+    for name, expected in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise UserError(f"{path}: missing from the checkpoint")
+        if expected is None:
+            continue
+        size = path.stat().st_size
+        if size != expected.get("bytes"):
+            raise UserError(f"{path}: {size} bytes where {STATE_FILE} lists {expected.get('bytes')} (truncated?)")
+        if _sha256(path) != expected.get("sha256"):
+            raise UserError(f"{path}: contents differ from the SHA-256 in {STATE_FILE} (corrupt)")
+    return state
+
+
+def _newest_complete(candidates: Sequence[Path]) -> tuple[Path | None, list[str]]:
+    """(the complete checkpoint with the highest step, earliest listed on a tie, or None; why others were skipped)."""
+    complete, problems = [], []
+    for order, folder in enumerate(candidates):
+        if not folder.is_dir():
+            continue
+        try:
+            state = verify_checkpoint(folder)
+        except UserError as error:
+            problems.append(str(error))
+        else:
+            complete.append((state.get("step") or 0, -order, folder))
+    return (max(complete)[2] if complete else None), problems
+
+
+def resolve_checkpoint(path: Path | str, prefer: tuple[str, ...] = ("best", "last")) -> Path:
+    """The complete checkpoint folder meant by `path`: a checkpoint folder, a file inside one, or a run folder.
+
+    For a run folder the first of `prefer` (sub-folders) holding a complete checkpoint is taken. A folder NAME stands
+    for NAME, .NAME.old and .NAME.tmp (left by a kill during a save): the newest complete one of them is taken, and
+    each incomplete or corrupt one skipped is logged as a warning.
+
+    Raises:
+        UserError: no complete checkpoint at `path`.
     """
     path = Path(path)
     if path.is_file() and path.name in (STATE_FILE, MODEL_FILE):
         path = path.parent
-    if (path / STATE_FILE).is_file():
-        return path
-    for name in prefer:
-        for candidate in (path / name, path / f".{name}.old"):
-            if (candidate / STATE_FILE).is_file():
-                return candidate
+    groups = [[path / name, _variant(path / name, "old"), _variant(path / name, "tmp")] for name in prefer]
+    if path.name.startswith(".") and path.name.endswith((".old", ".tmp")):  # a variant named explicitly
+        groups.insert(0, [path])
+    elif (path / STATE_FILE).exists() or (path / MODEL_FILE).exists() or not path.exists():
+        groups.insert(0, [path, _variant(path, "old"), _variant(path, "tmp")])
+    problems: list[str] = []
+    for group in groups:
+        found, skipped = _newest_complete(group)
+        problems += skipped
+        if found is not None:
+            for problem in problems:
+                log.warning("skipping a checkpoint: %s; using %s", problem, found)
+            return found
+    if problems:
+        raise UserError(f"no complete checkpoint at {path}: " + "; ".join(problems))
     if not path.exists():
         raise UserError(f"checkpoint not found: {path}")
     raise UserError(f"{path}: not a checkpoint (no {STATE_FILE}) nor a run folder with {' or '.join(prefer)}/")
 
 
 def read_state(directory: Path) -> dict:
-    """state.json of a checkpoint folder."""
+    """state.json of a checkpoint folder (not verified: see `verify_checkpoint`)."""
+    path = Path(directory) / STATE_FILE
     try:
-        return json.loads((Path(directory) / STATE_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise UserError(f"{directory / STATE_FILE}: unreadable checkpoint state ({error})") from None
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path}: unreadable checkpoint state ({error})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: unreadable checkpoint state (a JSON object expected)")
+    return state
 
 
 def load_model_from_checkpoint(path: Path | str, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
@@ -151,19 +260,31 @@ def load_model_weights(model: nn.Module, directory: Path) -> None:
 
 def load_optimizer(optimizer: torch.optim.Optimizer, directory: Path, state: Mapping[str, Any]) -> None:
     """Restore an optimizer saved by `save_checkpoint` (its param groups must match in order and size)."""
-    tensors = load_file(str(Path(directory) / OPTIMIZER_FILE))
-    saved = _join_tensors(state["optimizer"], tensors)
-    # JSON turned the state's int keys into strings and tuples (betas) into lists.
-    saved["state"] = {int(index): value for index, value in saved["state"].items()}
-    for group, current in zip(saved["param_groups"], optimizer.param_groups):
-        group.update({k: tuple(v) for k, v in group.items() if isinstance(current.get(k), tuple)})
-    optimizer.load_state_dict(saved)
+    path = Path(directory) / OPTIMIZER_FILE
+    if "optimizer" not in state:
+        raise UserError(f"{Path(directory) / STATE_FILE}: no optimizer state (a `best` checkpoint cannot be resumed)")
+    try:
+        saved = _join_tensors(state["optimizer"], _read_tensors(path))
+        # JSON turned the state's int keys into strings and tuples (betas) into lists.
+        saved["state"] = {int(index): value for index, value in saved["state"].items()}
+        for group, current in zip(saved["param_groups"], optimizer.param_groups):
+            group.update({k: tuple(v) for k, v in group.items() if isinstance(current.get(k), tuple)})
+        optimizer.load_state_dict(saved)
+    except (KeyError, TypeError, ValueError) as error:
+        raise UserError(f"{path}: does not fit this run's optimizer ({error})") from None
 
 
 def load_method_tensors(directory: Path) -> dict[str, torch.Tensor]:
     """method.safetensors of a checkpoint folder, or {} when the run had no extra method modules."""
     path = Path(directory) / METHOD_FILE
-    return load_file(str(path)) if path.is_file() else {}
+    return _read_tensors(path) if path.is_file() else {}
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as error:
+        raise UserError(f"{path}: cannot read the tensors ({str(error).splitlines()[0]})") from None
 
 
 def _split_tensors(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:

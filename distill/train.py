@@ -92,8 +92,8 @@ def _resume_checkpoint(config: Config, run_dir: Path) -> Path | None:
         return None
     try:
         return resolve_checkpoint(run_dir, prefer=("last",))
-    except UserError:
-        raise UserError(f"run.resume: no checkpoint to resume in {run_dir} (expected {run_dir / 'last'})") from None
+    except UserError as error:
+        raise UserError(f"run.resume: no checkpoint to resume in {run_dir} ({error})") from None
 
 
 def _seed_everything(seed: int) -> None:

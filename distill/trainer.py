@@ -140,6 +140,45 @@ class Progress:
     last_metrics: dict[str, float] = field(default_factory=dict)
 
 
+class NonFiniteLossError(UserError):
+    """The loss or the weights became NaN/Inf: the run stops before anything logs, validates or saves them."""
+
+
+class FiniteGuard:
+    """Remembers the first step whose loss terms were not all finite, without a device sync per step.
+
+    `update` only queues a few scalar device ops; `first_bad` reads the result back (and agrees across DDP ranks).
+    """
+
+    def __init__(self) -> None:
+        self.step: torch.Tensor | None = None  # 1-based step of the first non-finite loss; 0 while all were finite
+        self.values: dict[str, torch.Tensor] = {}  # each term's value at that step (0 for terms it did not have)
+
+    def update(self, done: int, terms: Mapping[str, torch.Tensor]) -> None:
+        """Record the terms of step `done` (1-based)."""
+        values = {name: value.detach().float().reshape(()) for name, value in terms.items()}
+        finite = torch.stack([value.isfinite() for value in values.values()]).all()
+        if self.step is None:
+            self.step = torch.zeros((), dtype=torch.long, device=finite.device)
+        first = ~finite & (self.step == 0)
+        self.step = torch.where(first, done, self.step)
+        for name, value in values.items():
+            self.values[name] = torch.where(first, value, self.values.get(name, torch.zeros_like(value)))
+
+    def first_bad(self, world: int) -> tuple[int, dict[str, float]] | None:
+        """(first step with a non-finite loss on any rank, this rank's non-finite terms there), or None."""
+        if self.step is None:
+            return None
+        never = torch.iinfo(torch.long).max
+        step = torch.where(self.step > 0, self.step, never)
+        if world > 1:
+            dist.all_reduce(step, op=dist.ReduceOp.MIN)
+        if int(step) == never:
+            return None
+        values = {name: float(value) for name, value in self.values.items()}
+        return int(step), {name: value for name, value in values.items() if not math.isfinite(value)}
+
+
 class Trainer:
     """Runs a Method for `total_steps` optimiser steps with AdamW, AMP, clipping, validation and checkpoints.
 
@@ -174,6 +213,7 @@ class Trainer:
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.progress = Progress()
+        self.finite = FiniteGuard()
         self.ddp = None
         if self.world > 1:
             ids = [device.index] if device.type == "cuda" else None
@@ -209,24 +249,27 @@ class Trainer:
             tqdm.write(f"resume: saved with {len(rng)} processes, now {self.world}; RNG streams restart from the seed")
 
     def fit(self) -> Progress:
-        """Train to `total_steps`, validating and checkpointing on the configured steps."""
+        """Train to `total_steps`, validating and checkpointing on the configured steps.
+
+        Raises:
+            NonFiniteLossError: a loss term or the weights became NaN/Inf. Finiteness is checked before every log,
+                validation and checkpoint, so `last` keeps the last good weights.
+        """
+        logger = RunLogger(self.run_dir, enabled=self.rank == 0, tensorboard=self.config.run.tensorboard,
+                           resume_step=self.progress.step)  # fmt: skip
+        bar = tqdm(total=self.total_steps, initial=self.progress.step, disable=self.rank != 0, desc="train",
+                   unit="it", dynamic_ncols=True)  # fmt: skip
+        try:
+            self._train(logger, bar)
+        finally:
+            bar.close()
+            logger.close()
+        return self.progress
+
+    def _train(self, logger: RunLogger, bar: tqdm) -> None:
         train = self.config.train
-        logger = RunLogger(
-            self.run_dir,
-            enabled=self.rank == 0,
-            tensorboard=self.config.run.tensorboard,
-            resume_step=self.progress.step,
-        )
         self.loader.sampler.set_position(self.progress.step, self.steps_per_epoch, self.loader.batch_size)
         batches = self._batches()
-        bar = tqdm(
-            total=self.total_steps,
-            initial=self.progress.step,
-            disable=self.rank != 0,
-            desc="train",
-            unit="it",
-            dynamic_ncols=True,
-        )
         self.method.train()
         tick, logged = time.perf_counter(), self.progress.step
         while self.progress.step < self.total_steps:
@@ -234,23 +277,42 @@ class Trainer:
             lr = lr_at(step, self.total_steps, train.lr, train.lr_end, train.warmup_steps)
             terms = self.train_step(self.to_device(next(batches)), step, lr)
             self.progress.step = done = step + 1
+            self.finite.update(done, terms)
             bar.update(1)
-            if self._due(done, train.log_every):
-                values = {name: float(value) for name, value in terms.items()}  # checked here: no sync per step
-                if not all(map(math.isfinite, values.values())):
-                    raise FloatingPointError(f"loss is not finite at step {done}: {values}")
+            log, val, save = (self._due(done, every) for every in (train.log_every, train.val_every, train.ckpt_every))
+            if log or val or save:
+                self._stop_if_not_finite()
+            if log:
+                values = {name: float(value) for name, value in terms.items()}
                 rate = (done - logged) * self.loader.batch_size * self.world / (time.perf_counter() - tick)
                 tick, logged = time.perf_counter(), done
                 row = {"epoch": step // self.steps_per_epoch, "lr": lr, "loss": sum(values.values()), **values}
                 logger.log("train", done, {**row, "images_per_s": rate})
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
-            if self.validate is not None and self._due(done, train.val_every):
+            if val and self.validate is not None:
                 self._validate(logger)
-            if self._due(done, train.ckpt_every):
+            if save:
                 self._save("last")
-        bar.close()
-        logger.close()
-        return self.progress
+
+    def _stop_if_not_finite(self) -> None:
+        """Raise NonFiniteLossError when some loss term has been NaN/Inf since the start (one device sync)."""
+        found = self.finite.first_bad(self.world)
+        if found is None:
+            return
+        step, terms = found
+        shown = ", ".join(f"{name}={value}" for name, value in terms.items()) or "on another process"
+        raise NonFiniteLossError(
+            f"training stopped: the loss is not finite at step {step} ({shown}); {self._kept()}. "
+            "Lower train.lr, keep train.grad_clip set, or look for broken samples in the data"
+        )
+
+    def _kept(self) -> str:
+        """Which checkpoint a stopped run leaves, for its error message."""
+        try:
+            directory = ckpt.resolve_checkpoint(self.run_dir, prefer=("last",))
+        except UserError:
+            return "no checkpoint had been written"
+        return f"the last good checkpoint is kept: {directory} (step {ckpt.read_state(directory).get('step')})"
 
     def _due(self, done: int, every: int) -> bool:
         """Whether a periodic action runs after `done` steps (every N steps, 0 = never, and always at the end)."""
@@ -306,7 +368,14 @@ class Trainer:
             self._save("best")
 
     def _save(self, name: str) -> None:
-        """Write run_dir/<name> (rank 0), with every rank's RNG state."""
+        """Write run_dir/<name> (rank 0), with every rank's RNG state; never with NaN/Inf weights."""
+        extra = self.method.extra_tensors()
+        tensors = [*self.method.student.state_dict().values(), *extra.values()]
+        if not torch.stack([t.isfinite().all() for t in tensors if t.is_floating_point()]).all():
+            raise NonFiniteLossError(  # every rank holds the same weights, so every rank stops here
+                f"training stopped at step {self.progress.step}: the weights are no longer finite (NaN/Inf) although "
+                f"the loss was; {self._kept()}. Lower train.lr or keep train.grad_clip set"
+            )
         rngs = [None] * self.world
         if self.world > 1:
             dist.all_gather_object(rngs, ckpt.capture_rng())
@@ -326,7 +395,6 @@ class Trainer:
             "config": to_dict(self.config),
         }
         optimizer = self.optimizer if name == "last" else None  # `best` is for evaluation and export only
-        extra = self.method.extra_tensors()
         ckpt.save_checkpoint(self.run_dir / name, self.method.student, state, optimizer, extra)
 
 

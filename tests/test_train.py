@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from distill.checkpoint import load_model_from_checkpoint, read_state
+from distill.checkpoint import load_model_from_checkpoint, read_state, resolve_checkpoint
 from distill.config import load_config
 from distill.errors import UserError
 from distill.models import build_student
@@ -173,6 +173,14 @@ def wait_for(condition, process: subprocess.Popen, timeout: float = 240.0) -> No
         time.sleep(0.05)
 
 
+def saved_step(run_dir: Path) -> int:
+    """Step of run_dir/last; -1 while there is none, or while a save swaps it."""
+    try:
+        return read_state(run_dir / "last")["step"]
+    except UserError:
+        return -1
+
+
 def logged_steps(run_dir: Path) -> list[int]:
     try:
         return [int(row["step"]) for row in read_log(run_dir / "train.csv")]
@@ -186,18 +194,18 @@ def test_resume_after_sigkill_continues_exactly(tmp_path, synth_root):
     exp = experiment(tmp_path, synth_root, train={"steps": 10_000, "val_every": 0, "ckpt_every": 4})
     run_dir = tmp_path / "runs" / "tiny"
     first = start_training(exp)
-    wait_for(lambda: (run_dir / "last").is_dir() and len(logged_steps(run_dir)) >= 7, first)
+    wait_for(lambda: saved_step(run_dir) >= 0 and len(logged_steps(run_dir)) >= 7, first)
     first.send_signal(signal.SIGKILL)
     first.wait()
     killed_log = {int(row["step"]): row for row in read_log(run_dir / "train.csv")}
-    saved = read_state(run_dir / "last")
+    saved = read_state(resolve_checkpoint(run_dir, prefer=("last",)))  # the newest complete one, as resume takes
     k = saved["step"]
-    assert k % 4 == 0 and max(killed_log) > k and saved["lr"] == killed_log[k]["lr"]
+    assert k % 4 == 0 and max(killed_log) >= k and saved["lr"] == killed_log[k]["lr"]
 
     second = start_training(exp, "resume=true")
     # The killed run died before its step k + 4 checkpoint, so once the resumed run wrote it, it re-logged every step
     # the killed run had logged.
-    wait_for(lambda: (run_dir / "last").is_dir() and read_state(run_dir / "last")["step"] >= k + 4, second)
+    wait_for(lambda: saved_step(run_dir) >= k + 4, second)
     second.send_signal(signal.SIGKILL)
     output = second.communicate()[0]
     assert f"resuming at step {k}" in output

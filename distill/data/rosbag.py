@@ -5,15 +5,20 @@ and, optionally, with the LiDAR scan (PointCloud2) nearest in stamp within a tol
 sparse depth. The LiDAR -> camera extrinsic is `lidar_extrinsic` when given, else looked up in /tf_static (ROS
 convention: a transform with header.frame_id = parent, child_frame_id = child maps child coordinates into the parent).
 Every bag is indexed once (stamps and message positions); messages are read and decoded in __getitem__.
+
+Damaged bags are never read silently: one that cannot be opened (e.g. an MCAP cut short, without its footer) is a
+UserError naming the file with a repair hint; one that breaks part-way (a corrupt chunk, a malformed SQLite page, a
+message that does not decode) is used up to the damage, with a warning counting the messages skipped.
 """
 
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -44,7 +49,11 @@ EXPECTED_TYPES = {
     "camera_info": ("sensor_msgs/CameraInfo",),
     "lidar": ("sensor_msgs/PointCloud2",),
 }
-BAG_ERRORS = (AnyReaderError, Ros1ReaderError, Ros2ReaderError, OSError)
+READER_ERRORS = (AnyReaderError, Ros1ReaderError, Ros2ReaderError)
+REPAIR_HINTS = {
+    ".mcap": "`mcap recover` rebuilds a damaged MCAP or one cut short (killed recorder, full disk: no footer)",
+    ".db3": "`sqlite3 BAG.db3 .recover` salvages what SQLite can still read",
+}
 
 
 def _ros2_camera_info(msg: Any) -> Any:
@@ -62,6 +71,44 @@ def _stamp(header: Any, log_time: int) -> int:
     """Header stamp in ns; the log time when the publisher left it at zero."""
     stamp = int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
     return stamp or log_time
+
+
+def _reason(error: Exception) -> str:
+    """One line saying why rosbags failed; the exception type too when it is not one of rosbags' own."""
+    text = str(error).splitlines()[0] if str(error) else ""
+    if isinstance(error, READER_ERRORS) and text:
+        return text
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _repair_hint(path: Path) -> str:
+    files = [path] if path.is_file() else sorted(path.glob("*")) if path.is_dir() else []
+    hints = {REPAIR_HINTS[file.suffix] for file in files if file.suffix in REPAIR_HINTS}
+    return "".join(f"; {hint}" for hint in sorted(hints))
+
+
+class _UntilDamage:
+    """reader.messages(...) that stops at the first record it cannot read instead of raising.
+
+    Attributes:
+        count: messages yielded so far.
+        damage: why reading stopped early, or None.
+    """
+
+    def __init__(self, messages: Iterator[tuple[Any, int, bytes]]) -> None:
+        self.messages, self.count, self.damage = messages, 0, None
+
+    def __iter__(self) -> Iterator[tuple[Any, int, bytes]]:
+        while True:
+            try:
+                item = next(self.messages)
+            except StopIteration:
+                return
+            except Exception as error:  # rosbags' parsers raise many types on damaged bytes (struct, apsw, Unicode)
+                self.damage = error
+                return
+            self.count += 1
+            yield item
 
 
 @dataclass
@@ -85,8 +132,10 @@ def _open(path: Path) -> AnyReader:
     try:
         reader = AnyReader([path])
         reader.open()
-    except BAG_ERRORS as error:
+    except FileNotFoundError as error:
         raise UserError(f"cannot open rosbag {path}: {error}") from None
+    except Exception as error:  # as in _UntilDamage: a damaged file makes rosbags raise more than its own errors
+        raise UserError(f"cannot open rosbag {path}: {_reason(error)}{_repair_hint(path)}") from None
     return reader
 
 
@@ -126,20 +175,42 @@ class BagDataset(Dataset):
             by_id = {c.id: role for role, connections in roles.items() for c in connections}
             ordinals: Counter = Counter()
             wanted = [c for connections in roles.values() for c in connections]
-            total = sum(c.msgcount for c in wanted)
-            for connection, log_time, raw in tqdm(reader.messages(wanted), total=total, desc=f"indexing {path.name}"):
+            expected = sum(c.msgcount for c in wanted)
+            messages, undecodable = _UntilDamage(reader.messages(wanted)), 0
+            for connection, log_time, raw in tqdm(messages, total=expected, desc=f"indexing {path.name}"):
                 role = by_id[connection.id]
                 ordinals[role, log_time] += 1
                 position = (log_time, ordinals[role, log_time] - 1)
-                self._index_message(index, role, reader.deserialize(raw, connection.msgtype), log_time, position)
-        except BAG_ERRORS as error:
-            raise UserError(f"cannot read rosbag {path}: {error}") from None
+                try:
+                    msg = reader.deserialize(raw, connection.msgtype)
+                except Exception:  # damaged bytes: rosbags' decoders raise struct/Unicode/Overflow errors too
+                    undecodable += 1
+                    continue
+                self._index_message(index, role, msg, log_time, position)
         finally:
             reader.close()
+        self._report_damage(index, expected, messages, undecodable)
         index.images.sort()
         index.infos.sort(key=lambda info: info[0])
         index.clouds.sort()
         return index
+
+    def _report_damage(self, index: _BagIndex, expected: int, messages: _UntilDamage, undecodable: int) -> None:
+        """Warn with the count of messages skipped in a damaged bag; a UserError when no image could be read."""
+        missing = max(expected - messages.count, 0)
+        if messages.damage is None and not missing and not undecodable:
+            return
+        causes = []
+        if messages.damage is not None:
+            causes.append(f"reading stopped after {messages.count} messages ({_reason(messages.damage)})")
+        elif missing:
+            causes.append(f"only {messages.count} of the {expected} messages its metadata lists are there")
+        if undecodable:
+            causes.append(f"{undecodable} messages do not decode")
+        damage = f"rosbag {index.path} is damaged: {'; '.join(causes)}"
+        if not index.images:
+            raise UserError(f"{damage}; no image on {self.topics['image']!r} is readable{_repair_hint(index.path)}")
+        log.warning("%s. Skipped %d of %d messages on the used topics", damage, missing + undecodable, expected)
 
     def _connections(self, reader: AnyReader, path: Path) -> dict[str, list]:
         """Connections of each configured topic; a clear error when one is absent or of the wrong type."""
@@ -235,11 +306,18 @@ class BagDataset(Dataset):
         reader = self._readers[bag_number]
         connections = [c for c in reader.connections if c.topic == self.topics[role]]
         log_time, ordinal = position
-        messages = reader.messages(connections, start=log_time, stop=log_time + 1)
-        for number, (connection, _, raw) in enumerate(messages):
-            if number == ordinal:
+        messages = _UntilDamage(reader.messages(connections, start=log_time, stop=log_time + 1))
+        found = next(itertools.islice(messages, ordinal, None), None)
+        if found is not None:
+            connection, _, raw = found
+            try:
                 return reader.deserialize(raw, connection.msgtype)
-        raise UserError(f"rosbag {self.bags[bag_number].path} changed since it was indexed ({role} at {log_time})")
+            except Exception as error:  # it decoded while indexing: the file changed since
+                messages.damage = error
+        path = self.bags[bag_number].path
+        if messages.damage is None:
+            raise UserError(f"rosbag {path} changed since it was indexed ({role} at {log_time})")
+        raise UserError(f"rosbag {path}: cannot read its {role} message at {log_time} ns ({_reason(messages.damage)})")
 
     def __getitem__(self, number: int) -> dict[str, Any]:
         bag_number, image_number, info_number, cloud_number = self.samples[number]
