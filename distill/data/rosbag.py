@@ -21,7 +21,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -31,7 +30,13 @@ from rosbags.rosbag2 import ReaderError as Ros2ReaderError
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from depth_node.conversions import camera_info_to_P, compressed_to_numpy, to_rgb, validate_camera_info
+from depth_node.conversions import (
+    camera_info_to_P,
+    compressed_to_numpy,
+    ros2_camera_info,
+    to_rgb,
+    validate_camera_info,
+)
 from depth_node.geometry import lidar_to_depth, lookup_transform, pointcloud2_to_xyz, transform_to_matrix
 from distill.data import make_sample
 from distill.errors import UserError
@@ -54,13 +59,6 @@ REPAIR_HINTS = {
     ".mcap": "`mcap recover` rebuilds a damaged MCAP or one cut short (killed recorder, full disk: no footer)",
     ".db3": "`sqlite3 BAG.db3 .recover` salvages what SQLite can still read",
 }
-
-
-def _ros2_camera_info(msg: Any) -> Any:
-    """ROS 1 CameraInfo spells K and P in capitals; the shared conversions read the ROS 2 names."""
-    if hasattr(msg, "p"):
-        return msg
-    return SimpleNamespace(header=msg.header, height=msg.height, width=msg.width, k=msg.K, p=msg.P)
 
 
 def _frame(frame_id: str) -> str:
@@ -236,7 +234,7 @@ class BagDataset(Dataset):
                 edge = (_frame(item.header.frame_id), _frame(item.child_frame_id))
                 index.tf_edges[edge] = transform_to_matrix(item.transform)
         elif role == "camera_info":
-            msg = _ros2_camera_info(msg)
+            msg = ros2_camera_info(msg)
             try:
                 validate_camera_info(msg)
             except ValueError:
