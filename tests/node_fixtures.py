@@ -195,7 +195,7 @@ class Probe:
 
     Attributes:
         received: topic -> {stamp_ns: message} for every output topic subscribed.
-        logs: (level, text) of /rosout messages from the node under test.
+        logs: (level, logger name, text) of every /rosout message (a node's logger name is "<namespace>.<name>").
     """
 
     def __init__(self, context, names: dict[str, str] | None = None, extra_nodes=(), namespace: str = ""):
@@ -215,13 +215,13 @@ class Probe:
         self.pub_info = self.node.create_publisher(CameraInfo, self.names["camera_info"], reliable)
         self.pub_lidar = self.node.create_publisher(PointCloud2, self.names["lidar"], reliable)
         self.received: dict[str, dict[int, object]] = defaultdict(dict)
-        self.logs: list[tuple[int, str]] = []
+        self.logs: list[tuple[int, str, str]] = []
         self.diagnostics: list = []
         self._lock = threading.Lock()
         kinds = {"depth/camera_info": CameraInfo, "points": PointCloud2}
         for topic in OUTPUTS:
             self.node.create_subscription(kinds.get(topic, Image), self.names[topic], self._recorder(topic), reliable)
-        self.node.create_subscription(Log, "/rosout", lambda m: self.logs.append((m.level, m.msg)), reliable)
+        self.node.create_subscription(Log, "/rosout", lambda m: self.logs.append((m.level, m.name, m.msg)), reliable)
         self.node.create_subscription(DiagnosticArray, "diagnostics", self.diagnostics.append, reliable)
         self.executor = MultiThreadedExecutor(num_threads=3, context=context)
         for node in (self.node, *extra_nodes):
@@ -247,8 +247,9 @@ class Probe:
         self.pub_info.publish(info)
         self.pub_image.publish(image_msg(rgb, stamp_ns, frame_id, **image_kwargs))
 
-    def warnings(self, text: str) -> list[str]:
-        return [msg for level, msg in list(self.logs) if level >= 30 and text in msg]
+    def warnings(self, text: str, logger: str | None = None) -> list[str]:
+        """Warnings and worse containing `text`, from every node or from the one with this logger name."""
+        return [m for level, name, m in list(self.logs) if level >= 30 and text in m and logger in (None, name)]
 
     def close(self) -> None:
         self.executor.shutdown(timeout_sec=2.0)

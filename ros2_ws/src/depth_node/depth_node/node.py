@@ -12,74 +12,31 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 
 import numpy as np
 import rclpy
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import ParameterDescriptor
-from rclpy.executors import ExternalShutdownException
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.time import Time
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 
-from depth_node import conversions, params
+from depth_node import conversions, diagnostics, params
 from depth_node.engine import ModelLoadError, open_engine
+from depth_node.flow import Counters, FrameSlot, Throttle
 from depth_node.geometry import make_pointcloud2, pointcloud2_to_xyz, transform_to_matrix
 from depth_node.pipeline import DepthPipeline, FrameResult, PipelineOptions, StampBuffer
 
-WARN_PERIOD_S = 2.0  # the same warning is logged at most once per period
 STAGE_WINDOW = 100  # diagnostics report the median of each stage over the last frames
+RESTART_S = 1.0  # image stamps going back by more than this: a new stream (bag loop, camera restart)
 
 
 def make_qos(reliability: str, depth: int) -> QoSProfile:
     """Keep-last QoS from the (checked) reliability / depth parameters."""
     policy = ReliabilityPolicy.RELIABLE if reliability == "reliable" else ReliabilityPolicy.BEST_EFFORT
     return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=depth, reliability=policy)
-
-
-class FrameSlot:
-    """Keep-latest hand-over from the subscription callback to the worker: one waiting frame at most."""
-
-    def __init__(self):
-        self._item = None
-        self._closed = False
-        self._cond = threading.Condition()
-
-    def put(self, item) -> bool:
-        """Offer a frame; True when it replaced one the worker had not taken yet (a dropped frame)."""
-        with self._cond:
-            replaced = self._item is not None
-            self._item = item
-            self._cond.notify()
-            return replaced
-
-    def take(self, timeout: float):
-        """The waiting frame, or None after `timeout` seconds or once closed."""
-        with self._cond:
-            self._cond.wait_for(lambda: self._item is not None or self._closed, timeout=timeout)
-            item, self._item = self._item, None
-            return item
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-
-@dataclass
-class Counters:
-    frames_in: int = 0
-    frames_out: int = 0
-    dropped: int = 0
-    bad_input: int = 0
-    no_camera_info: int = 0
-    idle: int = 0  # frames not processed because nobody subscribed (lazy)
 
 
 class DepthNode(Node):
@@ -100,7 +57,8 @@ class DepthNode(Node):
         self.camera_info: CameraInfo | None = None
         self.clouds = StampBuffer()
         self.last_result: FrameResult | None = None
-        self._warned: dict[str, float] = {}
+        self._throttle = Throttle()
+        self._last_frame: tuple[int, tuple[int, int]] | None = None  # (stamp ns, (H, W)) of the last decoded image
         self._tf_buffer = _tf_buffer(self) if p["use_lidar"] and p["use_tf"] else None
         self._create_topics(engine.metadata.output_kind)
         self._worker = threading.Thread(target=self._work, name="depth_inference", daemon=True)
@@ -149,7 +107,18 @@ class DepthNode(Node):
         self.camera_info = msg  # checked per frame, so a bad one skips frames instead of leaving a stale one in use
 
     def _on_lidar(self, msg: PointCloud2) -> None:
-        self.clouds.add(_stamp_ns(msg.header), msg)
+        """Parse a scan once, on arrival. A malformed or empty one is counted, warned about and kept as "no points",
+        so the images of its time fall back on the scale prior instead of pairing with an older scan."""
+        try:
+            points, kind, problem = pointcloud2_to_xyz(msg), "empty scan", ""
+        except ValueError as error:
+            points, kind, problem = np.empty((0, 3), np.float32), "malformed scan", str(error)
+        if not problem and not len(points):
+            problem = f"no finite points ({msg.width}x{msg.height} cloud)"
+        if problem:
+            self.counters.bad_input += 1
+            self._log(kind, f"LiDAR scan skipped: {problem}")
+        self.clouds.add(_stamp_ns(msg.header), (points, msg.header))
 
     def _on_image(self, msg: Image | CompressedImage) -> None:
         self.counters.frames_in += 1
@@ -160,24 +129,41 @@ class DepthNode(Node):
     def _work(self) -> None:
         while rclpy.ok(context=self.context) and not self._slot.closed:
             item = self._slot.take(timeout=0.5)
-            if item is None:
-                continue
-            try:
-                self._process(*item)
-            except Exception as error:  # noqa: BLE001 - a bad frame must never kill the worker
-                self._warn(f"frame skipped: {type(error).__name__}: {error}")
+            if item is not None:
+                self.handle_frame(*item)
+
+    def handle_frame(self, msg: Image | CompressedImage, received: float | None = None) -> FrameResult | None:
+        """Process one image now, on the calling thread (the worker's step; tests call it directly).
+
+        Never raises: a frame that cannot be processed is counted, warned about (throttled) and skipped.
+
+        Args:
+            msg: the image message.
+            received: time.perf_counter() at arrival (default: now), for the `wait` and `total` latencies.
+
+        Returns:
+            The frame's result once published, or None when it was skipped (bad input, no camera_info, lazy).
+        """
+        try:
+            return self._process(msg, time.perf_counter() if received is None else received)
+        except Exception as error:  # noqa: BLE001 - a bad frame must never kill the worker
+            if self._slot.closed or not rclpy.ok(context=self.context):
+                return None  # shutting down: the publishers are gone, nothing went wrong with the frame
+            self.counters.failed += 1
+            self._log("processing", f"frame skipped: {type(error).__name__}: {error}")
+            return None
 
     def _listened(self, *publishers) -> bool:
         return not self.params["lazy"] or any(pub.get_subscription_count() > 0 for pub in publishers)
 
-    def _process(self, msg: Image | CompressedImage, received: float) -> None:
+    def _process(self, msg: Image | CompressedImage, received: float) -> FrameResult | None:
         if not self._listened(self.pub_info, self.pub_points, *self.pub_images.values()):
             self.counters.idle += 1
-            return
+            return None
         start = time.perf_counter()
         frame = self._decode(msg)
         if frame is None:
-            return
+            return None
         rgb, info = frame
         projection = conversions.camera_info_to_P(info)
         decoded = time.perf_counter()
@@ -193,44 +179,59 @@ class DepthNode(Node):
         self.last_result = result
         self.counters.frames_out += 1
         self._report_alignment(result)
+        return result
 
     def _decode(self, msg: Image | CompressedImage) -> tuple[np.ndarray, CameraInfo] | None:
         """(RGB image, CameraInfo scaled to it), or None with a warning when the frame must be skipped."""
         info = self.camera_info
         if info is None:
             self.counters.no_camera_info += 1
-            self._warn("no camera_info received yet: frame skipped")
+            self._log("camera_info", "no camera_info received yet: frame skipped")
             return None
         try:
             conversions.validate_camera_info(info)
-            rgb = conversions.compressed_to_numpy(msg) if isinstance(msg, CompressedImage) else conversions.to_rgb(msg)
         except ValueError as error:
-            self.counters.bad_input += 1
-            self._warn(f"frame skipped: {error}")
-            return None
+            return self._skip(error, kind="camera_info")
+        try:
+            rgb = _decode_image(msg)
+        except ValueError as error:
+            return self._skip(error, kind="image")
+        self._follow_stream(msg.header, rgb.shape[:2])
         if (info.width, info.height) != (rgb.shape[1], rgb.shape[0]):
             info = conversions.scale_camera_info(info, rgb.shape[1], rgb.shape[0])
         return rgb, info
+
+    def _skip(self, error: ValueError, kind: str) -> None:
+        """Count and warn about a frame skipped for bad input of this kind ("image" or "camera_info")."""
+        self.counters.bad_input += 1
+        self._log(kind, f"frame skipped: {error}")
+
+    def _follow_stream(self, header, size: tuple[int, int]) -> None:
+        """Note a change of image size; reset the LiDAR scale prior when stamps jump back (a bag loop, a restart)."""
+        stamp = _stamp_ns(header)
+        last_stamp, last_size = self._last_frame or (stamp, size)
+        self._last_frame = (stamp, size)
+        if size != last_size:
+            self._log("size", f"image size changed from {last_size[1]}x{last_size[0]} to {size[1]}x{size[0]}", "info")
+        back = (last_stamp - stamp) * 1e-9
+        if back > RESTART_S and self.params["use_lidar"]:
+            self._log("restart", f"image stamps went back {back:.1f} s (a new stream): LiDAR scale prior reset", "info")
+            self.pipeline.prior.reset()
 
     def _paired_cloud(self, header) -> tuple[np.ndarray | None, np.ndarray | None]:
         """LiDAR points (N, 3) nearest in stamp to the image within lidar_max_dt, and their transform (None: param)."""
         cloud, dt = self.clouds.nearest(_stamp_ns(header), self.params["lidar_max_dt"])
         if cloud is None:
             limit = self.params["lidar_max_dt"]
-            self._warn(
+            self._log(
+                "lidar pairing",
                 f"no LiDAR scan within lidar_max_dt={limit} s of the image (nearest {dt:.3f} s): frame not aligned",
-                key="lidar pairing",
             )
             return None, None
-        try:
-            points = pointcloud2_to_xyz(cloud)
-        except ValueError as error:
-            self.counters.bad_input += 1
-            self._warn(f"LiDAR scan skipped: {error}")
-            return None, None
+        points, cloud_header = cloud
         if self._tf_buffer is None:
             return points, None
-        return points, self._lookup_transform(header.frame_id, cloud.header)
+        return points, self._lookup_transform(header.frame_id, cloud_header)
 
     def _lookup_transform(self, camera_frame: str, cloud_header) -> np.ndarray | None:
         """TF camera <- LiDAR at the scan's stamp (UNTESTED here: tf2_ros is not on PyPI)."""
@@ -240,7 +241,7 @@ class DepthNode(Node):
             stamp = Time.from_msg(cloud_header.stamp)
             stamped = self._tf_buffer.lookup_transform(camera_frame, cloud_header.frame_id, stamp)
         except tf2_ros.TransformException as error:
-            self._warn(f"no TF {cloud_header.frame_id} -> {camera_frame}: {error}; using lidar_to_camera")
+            self._log("tf", f"no TF {cloud_header.frame_id} -> {camera_frame}: {error}; using lidar_to_camera")
             return None
         return transform_to_matrix(stamped.transform)
 
@@ -269,41 +270,26 @@ class DepthNode(Node):
         if alignment is None or alignment.ok:
             return
         where = "depth/relative" if not result.metric else "depth (the model's own metric scale)"
-        self._warn(
-            f"LiDAR alignment failed ({alignment.reason}): publishing the unaligned output on {where}", key="alignment"
+        self._log(
+            "alignment", f"LiDAR alignment failed ({alignment.reason}): publishing the unaligned output on {where}"
         )
 
-    def _warn(self, message: str, key: str | None = None) -> None:
-        """Log a warning unless one with the same key (default: the same text) was logged in the last WARN_PERIOD_S."""
-        key = message if key is None else key
-        now = time.monotonic()
-        if now - self._warned.get(key, -WARN_PERIOD_S) < WARN_PERIOD_S:
+    def _log(self, kind: str, message: str, level: str = "warning") -> None:
+        """Log, throttled per kind (image, camera_info, lidar, ...): a flood of bad input logs a few lines."""
+        message = self._throttle(kind, message)
+        if message is None:
             return
-        if len(self._warned) > 256:  # texts carry numbers: keep the table bounded
-            self._warned.clear()
-        self._warned[key] = now
-        self.get_logger().warning(message)
+        if level == "info":  # one call site per severity: rclpy refuses a site whose severity changes
+            self.get_logger().info(message)
+        else:
+            self.get_logger().warning(message)
 
     def _publish_diagnostics(self) -> None:
-        array = DiagnosticArray(status=[self._pipeline_status()])
+        array = DiagnosticArray(status=[diagnostics.pipeline_status(vars(self.counters), list(self.stages))])
         if self.last_result is not None and self.last_result.alignment is not None:
-            array.status.append(_alignment_status(self.last_result))
+            array.status.append(diagnostics.alignment_status(self.last_result.alignment))
         array.header.stamp = self.get_clock().now().to_msg()
         self.pub_diagnostics.publish(array)
-
-    def _pipeline_status(self) -> DiagnosticStatus:
-        """Frame counters and the median of each stage (ms) over the last STAGE_WINDOW frames."""
-        status = DiagnosticStatus(level=DiagnosticStatus.OK, name="depth_node: pipeline", hardware_id="depth_node")
-        counters = vars(self.counters)
-        status.message = f"{counters['frames_out']} frames out, {counters['dropped']} dropped"
-        if counters["no_camera_info"] and not counters["frames_out"]:
-            status.level, status.message = DiagnosticStatus.WARN, "no camera_info received"
-        stages = list(self.stages)
-        names = sorted({name for frame in stages for name in frame})
-        values = {f"{name}_ms_p50": np.median([f[name] for f in stages if name in f]) for name in names}
-        values = {key: f"{value:.2f}" for key, value in values.items()} | {k: str(v) for k, v in counters.items()}
-        status.values = [KeyValue(key=key, value=value) for key, value in values.items()]
-        return status
 
     def destroy_node(self) -> None:
         self._slot.close()
@@ -312,24 +298,9 @@ class DepthNode(Node):
         super().destroy_node()
 
 
-def _alignment_status(result: FrameResult) -> DiagnosticStatus:
-    """The last frame's LiDAR alignment: scale, shift, residual (m), inliers / points."""
-    alignment = result.alignment
-    level = DiagnosticStatus.OK if alignment.ok else DiagnosticStatus.WARN
-    status = DiagnosticStatus(level=level, name="depth_node: lidar alignment", hardware_id="depth_node")
-    status.message = alignment.reason
-    values = {
-        "ok": alignment.ok,
-        "from_prior": alignment.from_prior,
-        "space": alignment.space,
-        "scale": f"{alignment.scale:.6g}",
-        "shift": f"{alignment.shift:.6g}",
-        "residual_m": f"{alignment.residual:.4g}",
-        "inliers": alignment.inliers,
-        "points": alignment.points,
-    }
-    status.values = [KeyValue(key=key, value=str(value)) for key, value in values.items()]
-    return status
+def _decode_image(msg: Image | CompressedImage) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of a raw or compressed image; ValueError when it is malformed."""
+    return conversions.compressed_to_numpy(msg) if isinstance(msg, CompressedImage) else conversions.to_rgb(msg)
 
 
 def _stamp_ns(header) -> int:
@@ -348,25 +319,35 @@ def _tf_buffer(node: Node):
 
 
 def main(args: list[str] | None = None) -> int:
-    """`depth_node --ros-args ...` (args default to sys.argv, so --ros-args reaches rclpy)."""
+    """`depth_node --ros-args ...` (args default to sys.argv, so --ros-args reaches rclpy).
+
+    Returns the exit code: 1 when the model or a parameter is unusable (one line on stderr), 0 after SIGINT or
+    SIGTERM, also when one arrives during start-up: rclpy's handlers shut the context down, so whatever then fails
+    on it is part of the requested exit.
+    """
     rclpy.init(args=args)
+    executor, node, code = None, None, 0
     try:
+        executor = SingleThreadedExecutor()  # before the slow model load: from here on a signal wakes it
         node = DepthNode()
+        executor.add_node(node)
+        executor.spin()
     except (ModelLoadError, FileNotFoundError, ValueError) as error:
-        print(f"depth_node: error: {error}", file=sys.stderr)
-        rclpy.try_shutdown()
-        return 1
-    try:
-        rclpy.spin(node)
+        if rclpy.ok():
+            print(f"depth_node: error: {error}", file=sys.stderr)
+            code = 1
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except Exception:
-        if rclpy.ok():  # after SIGTERM the executor may fail on the shut-down context instead: a clean exit
+        if rclpy.ok():
             raise
     finally:
-        node.destroy_node()
+        if node is not None:
+            node.destroy_node()
+        if executor is not None:
+            executor.shutdown(timeout_sec=1.0)
         rclpy.try_shutdown()
-    return 0
+    return code
 
 
 if __name__ == "__main__":
