@@ -155,12 +155,13 @@ def backproject(depth: np.ndarray, projection: np.ndarray, stride: int = 1) -> n
     fx, fy, cx, cy = projection[0, 0], projection[1, 1], projection[0, 2], projection[1, 2]
     columns = np.arange(0, depth.shape[1] * stride, stride)
     rows = np.arange(0, depth.shape[0] * stride, stride)
-    x_per_metre = ((columns - cx) / fx).astype(np.float32)
-    y_per_metre = ((rows - cy) / fy).astype(np.float32)
-    z = np.where(np.isfinite(depth) & (depth > 0), depth, np.float32(np.nan))
-    points = np.empty(z.shape + (3,), dtype=np.float32)
-    np.multiply(z, x_per_metre[None, :], out=points[..., 0])
-    np.multiply(z, y_per_metre[:, None], out=points[..., 1])
+    with np.errstate(over="ignore", invalid="ignore"):  # absurd-but-finite intrinsics give inf, not warnings
+        x_per_metre = ((columns - cx) / fx).astype(np.float32)
+        y_per_metre = ((rows - cy) / fy).astype(np.float32)
+        z = np.where(np.isfinite(depth) & (depth > 0), depth, np.float32(np.nan))
+        points = np.empty(z.shape + (3,), dtype=np.float32)
+        np.multiply(z, x_per_metre[None, :], out=points[..., 0])
+        np.multiply(z, y_per_metre[:, None], out=points[..., 1])
     points[..., 2] = z
     return points
 
