@@ -50,6 +50,7 @@ class DataConfig(Section):
     gt: Literal["annotated", "velodyne"]
     size: tuple[int, int] | None
     kb_crop: bool
+    lidar_beams: Literal[64, 32, 16, 8, 4] | list[Literal[64, 32, 16, 8, 4]] | None
     bags: list[Path]
     image_topic: str
     camera_info_topic: str
@@ -160,6 +161,17 @@ class LabelFreeKD(Section):
     pointnet_seed: int
 
 
+class CompletionKD(Section):
+    """`kd.completion`: two-stage completion network on top of the frozen `model:` (distill/kd/completion.py, §7)."""
+
+    widths: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=2)]
+    output_stride: Literal[1, 2]
+    l1_weight: Annotated[float, Field(ge=0)]
+    l2_weight: Annotated[float, Field(ge=0)]
+    align_method: Literal["huber", "ransac"]
+    align_min_points: Annotated[int, Field(ge=2)]
+
+
 class KDConfig(Section):
     """`method` names the distillation method; each method adds its own typed sub-section as a field here."""
 
@@ -169,6 +181,7 @@ class KDConfig(Section):
     response: ResponseKD | None = None
     gtfill: GTFillKD | None = None
     labelfree: LabelFreeKD | None = None
+    completion: CompletionKD | None = None
 
     @field_validator("method")
     @classmethod

@@ -351,6 +351,11 @@ def print_usage(paths: list[Path]) -> None:
         print(f"  {path}")
     model = paths[-1].resolve()
     print("run it:")
+    if model.suffix == ".onnx" and read_onnx_metadata(model).arch == "completion":  # stage 3, not a depth model
+        print(f"  python -c \"from depth_node.completion_engine import CompletionRunner; CompletionRunner('{model}')\"")
+        print("  in the node's pipeline: DepthPipeline(engine, options, completion=CompletionRunner(path))")
+        print("  python benchmarks/completion.py")
+        return
     print(
         f"  depth_node --ros-args --params-file config/kitti.yaml -p model:={model} "
         "-r image:=/kitti/camera_color_left/image_raw -r camera_info:=/kitti/camera_color_left/camera_info"

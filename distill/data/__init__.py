@@ -128,6 +128,8 @@ def build_dataset(cfg: Mapping[str, Any], split: str, augment: bool) -> Dataset:
         gt: KITTI ground truth, "annotated" (default; official `proj_depth/groundtruth` PNGs, frames without one are
             skipped) or "velodyne" (the raw scan projected with the calib files).
         kb_crop: KITTI only, crop 352x1216 bottom-centred (KB/BTS convention); default False.
+        lidar_beams: KITTI only, add `sparse_depth` from the Velodyne scan thinned to this many rings (64, 32, 16, or
+            a list to draw from per sample; see `distill.data.kitti.keep_beams`); default None = no sparse depth.
         bags: list of rosbag paths (rosbag2 folders or .mcap/.db3, ROS 1 .bag) for kind "bag"; `split` is ignored.
         image_topic, camera_info_topic, lidar_topic: bag topics (defaults: the kitti2bag ones); lidar_topic None =
             no LiDAR (default "/kitti/velo/pointcloud"). lidar_extrinsic: optional 4x4 T_camera_lidar that takes
@@ -183,4 +185,5 @@ def build_dataset(cfg: Mapping[str, Any], split: str, augment: bool) -> Dataset:
         kb_crop=bool(cfg.get("kb_crop", False)),
         depth_range=depth_range,
         transform=transform,
+        lidar_beams=cfg.get("lidar_beams"),
     )

@@ -10,6 +10,10 @@ Layout (real KITTI and our synthetic world alike):
 Ground truth "velodyne" projects the scan as in methods.md §8 (R_rect_00 [R|T] then P_rect_0<cam>, nearest point per
 pixel); "annotated" reads the official depth-completion PNGs (Uhrig et al. 3DV 2017). The KB crop (Kuznietsov et al.,
 used by BTS/AdaBins) keeps the bottom-centred 352x1216 window: top = H - 352, left = (W - 1216) // 2.
+
+With `lidar_beams` set, every sample also carries `sparse_depth`: the scan projected the same way after keeping only
+that many of its 64 laser rings (every 2nd ring for 32, every 4th for 16), a cheaper LiDAR simulated from the HDL-64E
+for depth completion (methods.md §7).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ KB_CROP = (352, 1216)
 GT_METRES_PER_UNIT = 1.0 / 256.0
 CALIB_FILES = ("calib_cam_to_cam.txt", "calib_velo_to_cam.txt")
 SIDES = {"l": 2, "r": 3}
+HDL64_BEAMS = 64
+HDL64_ELEVATIONS = (2.0, -24.8)  # degrees, top and bottom beam of the HDL-64E (and of the synthetic world's LiDAR)
 
 
 def read_calib_file(path: Path) -> dict[str, np.ndarray]:
@@ -117,6 +123,39 @@ def project_velodyne(scan: np.ndarray, calib_dir: Path, cam: int = 2) -> np.ndar
     return project_scan(scan, read_calib(Path(calib_dir)), cam)
 
 
+def laser_rings(points: np.ndarray, beams: int = HDL64_BEAMS, elevations=HDL64_ELEVATIONS) -> np.ndarray:
+    """Laser ring of each point from its elevation angle, rings evenly spaced from the top beam to the bottom one.
+
+    The HDL-64E's real beams are only nearly even (1/3° above -8.3°, 1/2° below), so on KITTI a few points land in
+    a neighbour's ring; the share kept by `keep_beams` is still close to beams / 64.
+
+    Args:
+        points: (N, >=3) x, y, z metres in the LiDAR frame (z up).
+        beams: rings of the sensor.
+        elevations: (top, bottom) beam elevation in degrees.
+
+    Returns:
+        (N,) int ring index, 0 = top beam, clipped to [0, beams - 1].
+    """
+    top, bottom = elevations
+    elevation = np.degrees(np.arctan2(points[:, 2], np.hypot(points[:, 0], points[:, 1])))
+    ring = np.rint((top - elevation) * (beams - 1) / (top - bottom))
+    return np.clip(ring, 0, beams - 1).astype(np.int64)
+
+
+def keep_beams(scan: np.ndarray, beams: int) -> np.ndarray:
+    """The points of a 64-beam scan that a `beams`-beam LiDAR with the same field of view would see: every
+    (64 / beams)-th ring from the top.
+
+    Args:
+        scan: (N, C) points, columns x, y, z (metres, LiDAR frame) first.
+        beams: 64, 32, 16, 8, 4, 2 or 1.
+    """
+    if beams not in (64, 32, 16, 8, 4, 2, 1):
+        raise UserError(f"data.lidar_beams must divide the HDL-64E's 64 rings (64, 32, 16, ...), got {beams!r}")
+    return scan[laser_rings(scan) % (HDL64_BEAMS // beams) == 0]
+
+
 def read_split(path: Path) -> list[tuple[str, int, int]]:
     """Eigen-format split file -> [(drive "<date>/<date>_drive_XXXX_sync", frame index, camera 2 or 3)]."""
     try:
@@ -167,7 +206,11 @@ class KittiDataset(Dataset):
     annotated or projected-Velodyne depth.
 
     meta: name "<drive>/image_0<cam>/<frame>", drive, frame, cam, orig_height, orig_width (before any crop),
-    crop_top, crop_left (offset of the KB crop in the original image, 0 without it).
+    crop_top, crop_left (offset of the KB crop in the original image, 0 without it), and with `lidar_beams` the beams
+    of this sample's sparse_depth.
+
+    `lidar_beams`: None (no sparse_depth), a ring count (64, 32, 16, ...; see `keep_beams`), or a list of them of
+    which each sample draws one at random (numpy's global RNG, which `SeededDataset` seeds per sample).
     """
 
     def __init__(
@@ -179,6 +222,7 @@ class KittiDataset(Dataset):
         kb_crop: bool = False,
         depth_range: tuple[float, float] = (1e-3, 80.0),
         transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        lidar_beams: int | list[int] | None = None,
     ):
         if gt not in ("annotated", "velodyne"):
             raise UserError(f"KITTI gt must be 'annotated' or 'velodyne', got {gt!r}")
@@ -186,6 +230,7 @@ class KittiDataset(Dataset):
             raise UserError(f"KITTI gt 'annotated' needs gt_root, the data_depth_annotated folder; got {gt_root}")
         self.raw_root, self.gt, self.kb_crop = Path(raw_root), gt, kb_crop
         self.depth_range, self.transform = depth_range, transform
+        self.lidar_beams = _beam_choices(lidar_beams)
         self._calib: dict[Path, dict[str, np.ndarray]] = {}
         split = read_split(split_file) if split_file else list_frames(self.raw_root)
         self.frames = self._index(split, Path(gt_root) if gt_root else None, split_file or self.raw_root)
@@ -203,6 +248,8 @@ class KittiDataset(Dataset):
             else:
                 depth = drive_dir / "velodyne_points" / "data" / f"{frame:010d}.bin"
             missing += [path for path in (image, depth) if not path.is_file()]
+            if self.lidar_beams and not (scan := _scan_path(drive_dir, frame)).is_file():
+                missing.append(scan)
             frames.append((drive, frame, cam, image, depth))
         if missing:
             raise UserError(f"{len(missing)} file(s) listed by {source} are missing, first: {missing[0]}")
@@ -241,7 +288,28 @@ class KittiDataset(Dataset):
             "drive": Path(drive).name, "frame": frame, "cam": cam,
             "orig_height": height, "orig_width": width, "crop_top": 0, "crop_left": 0,
         }  # fmt: skip
-        sample = make_sample(image, depth, projection[:, :3], meta, self.depth_range)
+        sparse = None
+        if self.lidar_beams:
+            beams = int(np.random.choice(self.lidar_beams))
+            scan = read_velodyne(_scan_path(self.raw_root / drive, frame))
+            sparse, meta["lidar_beams"] = project_scan(keep_beams(scan, beams), calib, cam), beams
+        sample = make_sample(image, depth, projection[:, :3], meta, self.depth_range, sparse_depth=sparse)
         if self.kb_crop:
             sample = apply_kb_crop(sample)
         return self.transform(sample) if self.transform else sample
+
+
+def _scan_path(drive_dir: Path, frame: int) -> Path:
+    return drive_dir / "velodyne_points" / "data" / f"{frame:010d}.bin"
+
+
+def _beam_choices(lidar_beams: int | list[int] | None) -> list[int]:
+    """`lidar_beams` as a list of ring counts (empty: no sparse depth), each checked by `keep_beams`."""
+    if lidar_beams is None:
+        return []
+    choices = [lidar_beams] if isinstance(lidar_beams, int) else list(lidar_beams)
+    if not choices:
+        raise UserError("data.lidar_beams: an empty list; give a ring count (64, 32, 16) or null")
+    for beams in choices:
+        keep_beams(np.zeros((0, 3), np.float32), beams)  # validates
+    return choices
