@@ -279,6 +279,20 @@ def test_distill_export_of_a_completion_checkpoint_runs_in_the_runner(quick_benc
     depth = runner(rgb, np.full((32, 96), 10.0, np.float32), np.zeros((32, 96), np.float32))
     assert depth.shape == (32, 96) and np.isfinite(depth).all()
 
+    # The node and depth_node_bag load it through the `completion_model` parameter.
+    from depth_node import params
+    from depth_node.engine import ModelLoadError
+    from depth_node.pipeline import build_pipeline
+
+    (mono_run,) = quick_bench.glob("*/mono")
+    assert distill_main(["export", str(mono_run / "last"), "--out", str(tmp_path / "mono"), "--size", "32x96"]) == 0
+    (mono,) = (tmp_path / "mono").glob("*.onnx")
+    pipeline = build_pipeline(params.resolve({"model": str(mono), "completion_model": str(path)}))
+    assert isinstance(pipeline.completion, CompletionRunner)
+    assert build_pipeline(params.resolve({"model": str(mono)})).completion is None
+    with pytest.raises(ModelLoadError, match="missing.onnx"):
+        build_pipeline(params.resolve({"model": str(mono), "completion_model": str(tmp_path / "missing.onnx")}))
+
 
 def read_kitti_bag(bag: Path) -> dict:
     """The last message of every topic of the real KITTI rosbag2 sample (one frame)."""

@@ -28,10 +28,9 @@ from rosbags.typesys import Stores, get_typestore
 from tqdm import tqdm
 
 from depth_node import conversions, params
-from depth_node.engine import open_engine
 from depth_node.geometry import lookup_transform, pack_pointcloud2_fields, pointcloud2_to_xyz, transform_to_matrix
 from depth_node.metadata import ModelLoadError
-from depth_node.pipeline import DepthPipeline, FrameResult, PipelineOptions, StampBuffer
+from depth_node.pipeline import DepthPipeline, FrameResult, StampBuffer, build_pipeline
 
 KITTI_CAMERA = "/kitti/camera_color_left"
 KITTI_LIDAR = "/kitti/velo/pointcloud"
@@ -328,11 +327,7 @@ def run(args: argparse.Namespace) -> BagSummary:
         "image": args.image_topic or f"{KITTI_CAMERA}/image_raw" + ("/compressed" if compressed else ""),
         "camera_info": args.camera_info_topic,
     } | ({"lidar": args.lidar_topic} if values["use_lidar"] else {})
-    engine = open_engine(
-        values["model"], values["backend"], values["device"], values["threads"] or None, values["resize"]
-    )
-    pipeline = DepthPipeline(engine, PipelineOptions.from_params(values))
-    return process_bag(args.in_bag, args.out_bag, pipeline, topics, values)
+    return process_bag(args.in_bag, args.out_bag, build_pipeline(values), topics, values)
 
 
 def main(argv: list[str] | None = None) -> int:

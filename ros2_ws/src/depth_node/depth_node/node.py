@@ -24,10 +24,10 @@ from rclpy.time import Time
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 
 from depth_node import conversions, diagnostics, params
-from depth_node.engine import ModelLoadError, open_engine
+from depth_node.engine import ModelLoadError
 from depth_node.flow import Counters, FrameSlot, Throttle
 from depth_node.geometry import make_pointcloud2, pointcloud2_to_xyz, transform_to_matrix
-from depth_node.pipeline import DepthPipeline, FrameResult, PipelineOptions, StampBuffer
+from depth_node.pipeline import FrameResult, StampBuffer, build_pipeline
 
 STAGE_WINDOW = 100  # diagnostics report the median of each stage over the last frames
 RESTART_S = 1.0  # image stamps going back by more than this: a new stream (bag loop, camera restart)
@@ -50,8 +50,8 @@ class DepthNode(Node):
         p = self.params
         if not p["model"]:
             raise ModelLoadError("parameter 'model' is empty: pass -p model:=/path/to/model.onnx")
-        engine = open_engine(p["model"], p["backend"], p["device"], p["threads"] or None, p["resize"])
-        self.pipeline = DepthPipeline(engine, PipelineOptions.from_params(p))
+        self.pipeline = build_pipeline(p)
+        engine = self.pipeline.engine
         self.counters = Counters()
         self.stages: deque[dict[str, float]] = deque(maxlen=STAGE_WINDOW)
         self.camera_info: CameraInfo | None = None

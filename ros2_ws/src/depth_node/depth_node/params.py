@@ -53,6 +53,7 @@ PARAMETERS: dict[str, ParamSpec] = {
     "lidar_min_points": ParamSpec(20, "fewer LiDAR points in the image than this: no alignment for the frame"),
     "alignment_method": ParamSpec("huber", "robust scale/shift fit: huber (IRLS) or ransac", ("huber", "ransac")),
     "alignment_momentum": ParamSpec(0.9, "temporal smoothing of scale/shift in [0, 1) (0: per frame)"),
+    "completion_model": ParamSpec("", "exported completion network run on LiDAR-aligned frames (empty: aligned only)"),
     "lazy": ParamSpec(True, "no inference while nobody subscribes to an output"),
     "sub_reliability": ParamSpec("best_effort", "input QoS reliability", ("best_effort", "reliable")),
     "sub_depth": ParamSpec(1, "input QoS queue depth (keep last)"),

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from depth_node.completion import Alignment, AlignmentPrior, align_depth, apply_alignment, project_lidar
-from depth_node.engine import DepthEngine
+from depth_node.engine import DepthEngine, open_engine
 from depth_node.geometry import backproject
 from depth_node.params import lidar_to_camera_matrix
 
@@ -234,3 +234,21 @@ class StampBuffer:
             if dt < best_dt:
                 best, best_dt = item, dt
         return (best if best_dt <= max_dt else None), best_dt
+
+
+def build_pipeline(params: dict) -> DepthPipeline:
+    """The pipeline the node parameters describe: the depth engine, and the completion network when one is given.
+
+    Raises:
+        ModelLoadError: a model file is missing, corrupt, or not an exported depthkd model.
+    """
+    engine = open_engine(
+        params["model"], params["backend"], params["device"], params["threads"] or None, params["resize"]
+    )
+    completion = None
+    if params["completion_model"]:
+        from depth_node.completion_engine import CompletionRunner
+
+        backend = "onnxruntime-cpu" if params["backend"] in ("auto", "onnxruntime") else params["backend"]
+        completion = CompletionRunner(params["completion_model"], backend, params["device"], params["threads"] or None)
+    return DepthPipeline(engine, PipelineOptions.from_params(params), completion=completion)
