@@ -73,6 +73,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_viz(args: argparse.Namespace) -> int:
+    from distill.viz import run_viz
+
+    run_viz(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -138,6 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--runs", type=int, default=50)
     bench.add_argument("--threads", type=int, default=None, help="CPU inference threads (default: ONNX Runtime's)")
     bench.set_defaults(func=cmd_bench)
+    viz = verbs.add_parser("viz", help="colourised depth/error PNGs, point-cloud PLY + preview from a model or a bag")
+    viz.add_argument("source", type=Path, help="image file/folder, dataset (config YAML or KITTI folder), or bag")
+    viz.add_argument("--model", type=Path, default=None, help="exported .onnx/.engine or checkpoint/run (not for bags)")
+    viz.add_argument("--out", type=Path, default=Path("runs/viz"))
+    viz.add_argument("--max-frames", type=int, default=10, help="frames to draw (0: all; default 10)")
+    viz.add_argument("--colormap", default="turbo", choices=["turbo", "magma", "inferno", "plasma", "viridis"])
+    viz.add_argument("--depth-topic", default="/depth", help="bags: 32FC1 depth topic, with <topic>/camera_info")
+    viz.add_argument("--image-topic", default="/kitti/camera_color_left/image_raw", help="bags: image for cloud colour")
+    viz.add_argument("--hfov", type=float, default=81.4, help="plain images: horizontal field of view, degrees")
+    viz.add_argument("--points-stride", type=int, default=2, help="keep every n-th row/column in the cloud")
+    viz.set_defaults(func=cmd_viz)
     return parser
 
 
