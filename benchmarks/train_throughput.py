@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from distill.config import load_config
+from distill.data.sampling import ResumableSampler, SeededDataset
 from distill.train import build_model_from_config
-from distill.trainer import ResumableSampler, SeededDataset, Trainer, build_method
+from distill.trainer import Trainer, build_method
 
 
 def random_samples(count: int, size: tuple[int, int]) -> list[dict]:

@@ -136,7 +136,7 @@ def _train_loader(config: Config):
     from torch.utils.data import DataLoader
 
     from distill.data import build_dataset
-    from distill.trainer import ResumableSampler, SeededDataset
+    from distill.data.sampling import ResumableSampler, SeededDataset
 
     dataset = SeededDataset(build_dataset(data_dict(config), config.data.train_split, augment=True), config.run.seed)
     sampler = ResumableSampler(dataset, seed=config.run.seed, drop_last=True)

@@ -9,20 +9,16 @@ lives in `distill/kd/<name>.py` and is built by its `build_method(config, studen
 from __future__ import annotations
 
 import importlib
-import itertools
 import math
-import random
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from distill import checkpoint as ckpt
@@ -185,7 +181,7 @@ class Trainer:
     Args:
         config: the resolved run config.
         method: the method, already on `device` (not yet DDP-wrapped).
-        loader: training DataLoader whose sampler is a `ResumableSampler` (see distill.train).
+        loader: training DataLoader whose sampler is a `distill.data.sampling.ResumableSampler` (see distill.train).
         validate: callable(model) -> metrics dict, run on rank 0 only; None disables validation.
         run_dir: where checkpoints and logs go (rank 0 writes).
         device: the rank's device.
@@ -396,46 +392,3 @@ class Trainer:
         }
         optimizer = self.optimizer if name == "last" else None  # `best` is for evaluation and export only
         ckpt.save_checkpoint(self.run_dir / name, self.method.student, state, optimizer, extra)
-
-
-class SeededDataset:
-    """Sample i of epoch e drawn with every RNG seeded from (seed, e, i): augmentation is the same whatever the
-    number of workers, and a resumed run sees exactly the samples an uninterrupted one would."""
-
-    def __init__(self, dataset, seed: int) -> None:
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        seed = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
-        python_state, numpy_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            random.seed(seed)
-            np.random.seed(seed)
-            torch.manual_seed(seed)
-            try:
-                return self.dataset[index]
-            finally:
-                random.setstate(python_state)
-                np.random.set_state(numpy_state)
-
-
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler (shuffled per epoch from the seed; one replica without torchrun) that can start mid-epoch."""
-
-    def __init__(self, dataset, seed: int, drop_last: bool) -> None:
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=drop_last)
-        self._skip_epoch, self._skip = 0, 0
-
-    def set_position(self, step: int, steps_per_epoch: int, batch_size: int) -> None:
-        """Make the epoch of `step` start after the samples of the steps already done in it."""
-        self._skip_epoch, self._skip = divmod(step, steps_per_epoch)
-        self._skip *= batch_size
-
-    def __iter__(self) -> Iterator[int]:
-        indices = super().__iter__()
-        return itertools.islice(indices, self._skip, None) if self.epoch == self._skip_epoch else indices

@@ -14,12 +14,13 @@ from safetensors.torch import load_file
 
 from distill.checkpoint import load_model_from_checkpoint, save_checkpoint
 from distill.config import load_config
+from distill.data.sampling import ResumableSampler, SeededDataset
 from distill.data.synth import write_world
 from distill.errors import UserError
 from distill.kd.disdepth import FAM, LAM, DisDepthMethod, attentive_kd_loss, build_method, kd_weights
 from distill.models import build_student, build_teacher
 from distill.train import run_training
-from distill.trainer import ResumableSampler, SeededDataset, Trainer
+from distill.trainer import Trainer
 
 SIZE = (64, 96)  # (H, W): a multiple of 32, as the students and the ViT reassemble need
 

@@ -19,11 +19,12 @@ import yaml
 
 from distill.checkpoint import load_model_from_checkpoint, read_state, resolve_checkpoint
 from distill.config import load_config
+from distill.data.sampling import ResumableSampler, SeededDataset
 from distill.errors import UserError
 from distill.models import build_student
 from distill.models.base import DepthOutput
 from distill.train import run_training
-from distill.trainer import ResumableSampler, SeededDataset, SupervisedMethod, lr_at
+from distill.trainer import SupervisedMethod, lr_at
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -210,7 +210,7 @@ class KittiDataset(Dataset):
     of this sample's sparse_depth.
 
     `lidar_beams`: None (no sparse_depth), a ring count (64, 32, 16, ...; see `keep_beams`), or a list of them of
-    which each sample draws one at random (numpy's global RNG, which `SeededDataset` seeds per sample).
+    which each sample draws one at random (numpy's global RNG, seeded per sample by data.sampling.SeededDataset).
     """
 
     def __init__(
