@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+import warnings
 from collections import deque
 
 import numpy as np
@@ -325,6 +326,9 @@ def main(args: list[str] | None = None) -> int:
     SIGTERM, also when one arrives during start-up: rclpy's handlers shut the context down, so whatever then fails
     on it is part of the requested exit.
     """
+    # A signal landing inside Node.__init__ makes rclpy tear the half-built node down and warn about its rosout
+    # publisher; that is the requested exit, not a fault, so it must not look like one on stderr.
+    warnings.filterwarnings("ignore", message="Failed to fini rosout publisher", category=RuntimeWarning)
     rclpy.init(args=args)
     executor, node, code = None, None, 0
     try:
