@@ -24,8 +24,15 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m distill.demo
 
+# Each script prints its figures and writes benchmarks/results/<name>.json (distill_gain and soak take long).
 bench: $(STAMP)
 	$(PY) benchmarks/synth_speed.py
+	$(PY) benchmarks/latency.py
+	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/node_latency.py
+	$(PY) benchmarks/completion.py
+	$(PY) benchmarks/distill_gain.py
+	$(PY) benchmarks/soak.py
 
 clean:
 	rm -rf runs .pytest_cache
