@@ -220,25 +220,27 @@ def gap_closure(rows: dict[str, dict]) -> dict[str, float]:
 
 def markdown(report: dict) -> str:
     """The result table (AbsRel, SqRel, RMSE, δ1, gap closure per row) and the label-free comparison."""
-    header = "| row | " + " | ".join(title for _, title in METRICS) + " | gap closure |"
-    lines = [header, "|---|" + "---:|" * (len(METRICS) + 1)]
+    c = report["config"]
+    height, width = c["size"]
+    lines = [f"Teacher {c['teacher_spec']} ({c['teacher_steps']} steps); students {c['student_arch']} "
+             f"({c['student_steps']} steps, LG-Conv in the DisDepth ablation rows: {c['kd_lgconv']}); "
+             f"{height}x{width} synthetic KITTI-like world; {c['protocol']}.", ""]  # fmt: skip
+    header = "| row | " + " | ".join(title for _, title in METRICS)
+    lines += [header + " | gap closure |", "|---|" + "---:|" * (len(METRICS) + 1)]
     for name, row in report["rows"].items():
-        if "rmse" not in row:
-            lines.append(f"| {name} | {row['status']}: {row['reason']} |")
-            continue
-        cells = [f"{row[key]:.4f}" for key, _ in METRICS]
         gap = report["gap_closure"].get(name)
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'' if gap is None else f'{gap:+.1%}'} |")
+        lines.append(_table_row(name, row) + (f" {gap:+.1%} |" if gap is not None else "  |" * ("rmse" in row)))
     free = report.get("labelfree")
     if free:
-        lines += ["", "Label-free KD on the shifted domain (its test split):", "", header.replace(" gap closure |", ""),
-                  "|---|" + "---:|" * len(METRICS)]  # fmt: skip
-        for name, row in free.items():
-            if "rmse" in row:
-                lines.append(f"| {name} | " + " | ".join(f"{row[key]:.4f}" for key, _ in METRICS) + " |")
-            else:
-                lines.append(f"| {name} | {row['status']}: {row['reason']} |")
+        lines += ["", "Label-free KD on the shifted domain (its test split):", "", header + " |",
+                  "|---|" + "---:|" * len(METRICS), *(_table_row(name, row) for name, row in free.items())]  # fmt: skip
     return "\n".join(lines)
+
+
+def _table_row(name: str, row: dict) -> str:
+    if "rmse" not in row:
+        return f"| {name} | {row['status']}: {row['reason']} |"
+    return f"| {name} | " + " | ".join(f"{row[key]:.4f}" for key, _ in METRICS) + " |"
 
 
 def run(setting: Setting, cache: Path, device: str) -> dict:

@@ -115,6 +115,7 @@ class DisDepthKD(Section):
     ghost_weight: float
     fam_head_dim: int
     lam_dim: int
+    normalize: bool
 
     @model_validator(mode="after")
     def _lam_needs_fam(self) -> DisDepthKD:

@@ -4,6 +4,10 @@ through real optimiser steps, the warm-up, the ablation switches and a real `dis
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,12 +16,20 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 
-from distill.checkpoint import load_model_from_checkpoint, save_checkpoint
+from distill.checkpoint import load_model_from_checkpoint, read_state, save_checkpoint
 from distill.config import load_config
 from distill.data.sampling import ResumableSampler, SeededDataset
 from distill.data.synth import write_world
 from distill.errors import UserError
-from distill.kd.disdepth import FAM, LAM, DisDepthMethod, attentive_kd_loss, build_method, kd_weights
+from distill.kd.disdepth import (
+    FAM,
+    LAM,
+    DisDepthMethod,
+    attentive_kd_loss,
+    build_method,
+    kd_weights,
+    rms_normalize,
+)
 from distill.models import build_student, build_teacher
 from distill.train import run_training
 from distill.trainer import Trainer
@@ -114,6 +126,13 @@ def test_kd_weights_keep_a_unit_second_moment():
     assert torch.equal(kd_weights(peaked), torch.tensor([[0.0, 0.0], [0.0, 2.0]]).view(1, 1, 2, 2))
     scores = torch.softmax(torch.randn(3, 40) * 5, dim=1).view(3, 1, 5, 8)
     assert torch.allclose(kd_weights(scores).square().mean(dim=(1, 2, 3)), torch.ones(3))
+
+
+def test_rms_normalize_removes_the_per_image_scale():
+    feature = torch.randn(2, 3, 4, 5)
+    scaled = feature * torch.tensor([10.0, 0.1]).view(2, 1, 1, 1)
+    assert torch.allclose(rms_normalize(scaled), rms_normalize(feature), atol=1e-5)
+    assert torch.allclose(rms_normalize(feature).square().mean(dim=(1, 2, 3)), torch.ones(2), atol=1e-5)
 
 
 def test_fresh_lam_is_uniform_and_leaves_the_feature_unchanged():
@@ -224,19 +243,26 @@ def synth_root(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.slow
-def test_disdepth_trains_end_to_end_and_checkpoints_fam_and_lam(tmp_path, synth_root):
+def experiment(tmp_path: Path, synth_root: Path, steps: int, **disdepth) -> Path:
+    """A tiny CPU DisDepth experiment file distilling from a random-init ViT teacher checkpoint."""
     teacher_dir = save_checkpoint(tmp_path / "teacher" / "last", tiny_teacher(), {"config": {}})
     config = {
         "run": {"name": "kd", "out_dir": str(tmp_path / "runs"), "device": "cpu", "tensorboard": False},
         "data": {"kind": "kitti", "root": str(synth_root), "size": list(SIZE), "batch_size": 2, "num_workers": 0},
         "model": {"kind": "student", "arch": "resnet18", "bins": 8, "decoder_width": 8},
-        "train": {"steps": 4, "epochs": None, "lr": 1e-3, "log_every": 1, "val_every": 4, "ckpt_every": 4},
-        "kd": {"method": "disdepth", "disdepth": {"warmup_fraction": 0.5}},
+        "train": {"steps": steps, "epochs": None, "lr": 1e-3, "log_every": 1, "val_every": steps,
+                  "ckpt_every": steps},
+        "kd": {"method": "disdepth", "disdepth": {"warmup_fraction": 0.5, **disdepth}},
         "teacher": {"weights": str(teacher_dir)},
     }  # fmt: skip
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.slow
+def test_disdepth_trains_end_to_end_and_checkpoints_fam_and_lam(tmp_path, synth_root):
+    path = experiment(tmp_path, synth_root, steps=4)
     run_dir = run_training(path)
     header = (run_dir / "train.csv").read_text().splitlines()[0].split(",")
     assert {"silog", "ghost_silog", "kd"} <= set(header)
@@ -247,3 +273,19 @@ def test_disdepth_trains_end_to_end_and_checkpoints_fam_and_lam(tmp_path, synth_
     assert student.spec["kind"] == "student"
     resumed = run_training(path, ["run.resume=true", "train.steps=6"])  # FAM/LAM come back from method.safetensors
     assert resumed == run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("acclimate", [True, False], ids=["disdepth", "feature_kd"])
+def test_torchrun_two_cpu_processes_distil(tmp_path, synth_root, acclimate):
+    """DDP: every trainable parameter gets a gradient (FAM/LAM through the ghost) or is declared unused (connectors
+    during the warm-up), so both variants train under torchrun."""
+    path = experiment(tmp_path, synth_root, steps=2, fam=acclimate, lam=acclimate)
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    command = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "distill.cli", "train", str(path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    state = read_state(tmp_path / "runs" / "kd" / "last")
+    assert state["world_size"] == 2 and state["step"] == 2
+    assert (tmp_path / "runs" / "kd" / "last" / "method.safetensors").is_file()

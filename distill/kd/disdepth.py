@@ -21,6 +21,10 @@ Choices of ours (methods.md "ours"), all in `kd.disdepth`:
       L_kd (with w = H·W·A a single-pixel peak would scale it by H·W).
     - The KD target is the FAM output F̃_t (eq. 1 weights the difference by A; the ghost head decodes the
       LAM-weighted features).
+    - `normalize` (default on): student and target features are each divided by their RMS over (C, H, W) per image
+      before L_kd. The decoder fuses its inputs through BatchNorm, which ignores their common scale, so the ghost
+      loss leaves the FAM outputs' scale free (it drifts to 10-25x the student's at the deep stages); unnormalised,
+      L_kd would mostly ask the student to grow its features.
     - `fam: false` is classic feature KD without acclimation (FitNets): a trainable 1x1 projection of each student
       stage to the teacher's channels, the teacher feature resized to the student's resolution, no ghost head.
 """
@@ -117,6 +121,11 @@ class LAM(nn.Module):
         logits = torch.einsum("bd,bdn->bn", query, keys) / math.sqrt(query.shape[1])
         scores = torch.softmax(logits.float(), dim=1).to(feature.dtype).view(batch, 1, height, width)
         return feature * (scores * height * width), scores
+
+
+def rms_normalize(feature: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """(B, C, H, W) feature divided by its root mean square over (C, H, W), per image."""
+    return feature / (feature.float().square().mean(dim=(1, 2, 3), keepdim=True) + eps).sqrt().to(feature.dtype)
 
 
 def kd_weights(scores: torch.Tensor) -> torch.Tensor:
@@ -216,18 +225,24 @@ class DisDepthMethod(DistillMethod):
         if not self.settings.fam:
             if distil:
                 student = [c(f) for c, f in zip(self.connectors, out.features)]
-                targets = [_resize(t, size) for t, size in zip(teacher, sizes)]
-                terms["kd"] = self.settings.weight * attentive_kd_loss(student, targets, [None] * len(student))
+                terms["kd"] = self.kd_term(student, [_resize(t, size) for t, size in zip(teacher, sizes)], None)
             return terms
         acclimated, weighted, scores = self.acclimate(teacher, sizes)
         sync_ghost(self.ghost, self.student.head)
-        ghost_out = self.ghost(weighted, batch["image"].shape[-2:])
-        ghost_terms = super().loss(batch, ghost_out, step)
+        ghost_terms = super().loss(batch, self.ghost(weighted, batch["image"].shape[-2:]), step)
         terms.update({f"ghost_{name}": self.settings.ghost_weight * value for name, value in ghost_terms.items()})
         if distil:
-            weights = [None if a is None else kd_weights(a.detach().float()) for a in scores]
-            terms["kd"] = self.settings.weight * attentive_kd_loss(out.features, acclimated, weights)
+            terms["kd"] = self.kd_term(out.features, acclimated, scores)
         return terms
+
+    def kd_term(
+        self, student: Sequence[torch.Tensor], target: Sequence[torch.Tensor], scores: Sequence[torch.Tensor | None]
+    ) -> torch.Tensor:
+        """λ·L_kd of per-level student features and targets, weighted by the LAM scores (None: unweighted)."""
+        if self.settings.normalize:
+            student, target = [rms_normalize(f) for f in student], [rms_normalize(f.detach()) for f in target]
+        weights = [None if a is None else kd_weights(a.detach().float()) for a in scores or [None] * len(student)]
+        return self.settings.weight * attentive_kd_loss(student, target, weights)
 
 
 def build_method(config: Config, student: DepthModel, device: torch.device) -> DisDepthMethod:
