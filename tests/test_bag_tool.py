@@ -81,7 +81,7 @@ def test_kitti_bag_gets_depth_and_points_next_to_its_original_topics(kitti_outpu
     assert (depth.encoding, depth.height, depth.width) == ("32FC1", 375, 1242)
     assert (info.width, info.height) == (1242, 375)
     np.testing.assert_array_equal(info.k, before[f"{KITTI_CAMERA}/camera_info"][1].k)
-    assert (points.height, points.width, points.point_step) == (375, 1242, 16)
+    assert (points.height, points.width, points.point_step) == (375, 1242, 12)
     assert assert_cloud_is_backprojection(depth, info, points) > 0
     values = depth_array(depth)
     assert not np.isnan(values).any() and (values[np.isfinite(values)] <= 80).all()  # kitti.yaml: max_depth 80
@@ -178,7 +178,7 @@ def write_synthetic_bag(path: Path, scan_delay_s: float) -> np.ndarray:
     """
     from rosbags.rosbag2 import StoragePlugin, Writer
 
-    from depth_node.geometry import pack_pointcloud2_fields
+    from depth_node.geometry import pack_cloud
 
     height, width, K = 48, 64, np.array([[60.0, 0, 31.5], [0, 60.0, 23.5], [0, 0, 1]])
     rgb = ramp_image(height, width)
@@ -206,18 +206,18 @@ def write_synthetic_bag(path: Path, scan_delay_s: float) -> np.ndarray:
         roi=roi,
     )
     points = surface_scan(truth, K, np.eye(4))[None]
-    fields, step, payload = pack_pointcloud2_fields(points)
+    packed = pack_cloud(points)
     field = types["sensor_msgs/msg/PointField"]
     cloud = types["sensor_msgs/msg/PointCloud2"](
         header=header,
         height=1,
         width=points.shape[1],
         is_bigendian=False,
-        point_step=step,
-        row_step=step * points.shape[1],
-        data=np.frombuffer(payload, np.uint8),
+        point_step=packed.point_step,
+        row_step=packed.point_step * points.shape[1],
+        data=np.frombuffer(packed.payload, np.uint8),
         is_dense=False,
-        fields=[field(name=f.name, offset=f.offset, datatype=f.datatype, count=f.count) for f in fields],
+        fields=[field(name=f.name, offset=f.offset, datatype=f.datatype, count=f.count) for f in packed.fields],
     )
     with Writer(path, version=8, storage_plugin=StoragePlugin.MCAP) as writer:
         for topic, message, delay in (

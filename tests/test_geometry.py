@@ -18,14 +18,15 @@ from depth_node.conversions import (
     validate_camera_info,
 )
 from depth_node.geometry import (
-    POINT_STEP,
     backproject,
+    empty_cloud,
     lidar_to_depth,
     make_pointcloud2,
-    pack_pointcloud2_fields,
+    pack_cloud,
     pointcloud2_to_xyz,
     points_to_depth_image,
     project_points,
+    set_cloud_colours,
     transform_points,
     transform_to_matrix,
 )
@@ -98,17 +99,34 @@ def test_make_pointcloud2_layout() -> None:
 
     points, rgb = _cloud_inputs()
     header = Header(frame_id="camera_color_left")
-    for colour, names in ((None, ["x", "y", "z"]), (rgb, ["x", "y", "z", "rgb"])):
+    for colour, names, step in ((None, ["x", "y", "z"], 12), (rgb, ["x", "y", "z", "rgb"], 16)):
         cloud = make_pointcloud2(header, points, colour)
         assert isinstance(cloud, PointCloud2) and cloud.header == header
         assert (cloud.height, cloud.width, cloud.is_dense, cloud.is_bigendian) == (6, 9, False, False)
-        assert (cloud.point_step, cloud.row_step, len(cloud.data)) == (16, 16 * 9, 16 * 9 * 6)
+        assert (cloud.point_step, cloud.row_step, len(cloud.data)) == (step, step * 9, step * 9 * 6)
         assert [f.name for f in cloud.fields] == names
         assert all(f.datatype == PointField.FLOAT32 and f.count == 1 for f in cloud.fields)
         assert [f.offset for f in cloud.fields] == [0, 4, 8, 12][: len(names)]
-        assert bytes(cloud.data) == pack_pointcloud2_fields(points, colour)[2]
-    padding = np.frombuffer(bytes(make_pointcloud2(header, points).data), np.uint8).reshape(-1, POINT_STEP)[:, 12:]
-    assert not padding.any()
+        xyz = np.frombuffer(bytes(cloud.data), np.float32).reshape(6, 9, step // 4)[..., :3]
+        np.testing.assert_array_equal(xyz, points)  # NaN == NaN here
+
+
+@pytest.mark.ros
+def test_cloud_filled_in_place_is_the_message_payload() -> None:
+    """backproject into empty_cloud(...).points: make_pointcloud2 publishes that very buffer, with its colours."""
+    from std_msgs.msg import Header
+
+    depth = RNG.uniform(1.0, 50.0, (6, 9)).astype(np.float32)
+    depth[0, 0] = np.nan
+    rgb = RNG.integers(0, 256, (6, 9, 3), dtype=np.uint8)
+    projection = np.array([[50.0, 0, 4.0, 0], [0, 50.0, 3.0, 0], [0, 0, 1, 0]])
+    cloud = empty_cloud(6, 9, colour=True)
+    backproject(depth, projection, out=cloud.points)
+    set_cloud_colours(cloud, rgb)
+    message = make_pointcloud2(Header(), cloud)
+    assert message.data is cloud.payload
+    reference = make_pointcloud2(Header(), backproject(depth, projection), rgb)
+    assert bytes(message.data) == bytes(reference.data)
 
 
 @pytest.mark.ros
@@ -191,11 +209,15 @@ def test_empty_cloud_gives_no_points() -> None:
 def test_pack_rejects_mismatched_inputs() -> None:
     points, rgb = _cloud_inputs()
     with pytest.raises(ValueError, match=r"points must be \(H, W, 3\)"):
-        pack_pointcloud2_fields(points.reshape(-1, 3))
+        pack_cloud(points.reshape(-1, 3))
     with pytest.raises(ValueError, match="rgb must be uint8"):
-        pack_pointcloud2_fields(points, rgb[:-1])
+        pack_cloud(points, rgb[:-1])
     with pytest.raises(ValueError, match="rgb must be uint8"):
-        pack_pointcloud2_fields(points, rgb.astype(np.float32))
+        pack_cloud(points, rgb.astype(np.float32))
+    with pytest.raises(ValueError, match="no rgb field"):
+        set_cloud_colours(empty_cloud(6, 9), rgb)
+    with pytest.raises(ValueError, match="out must be float32"):
+        backproject(np.ones((6, 9), np.float32), np.eye(3, 4), out=np.empty((6, 9, 3), np.float64))
 
 
 def test_transform_to_matrix_rotates_and_translates() -> None:

@@ -28,7 +28,7 @@ from rosbags.typesys import Stores, get_typestore
 from tqdm import tqdm
 
 from depth_node import conversions, params
-from depth_node.geometry import lookup_transform, pack_pointcloud2_fields, pointcloud2_to_xyz, transform_to_matrix
+from depth_node.geometry import lookup_transform, pointcloud2_to_xyz, transform_to_matrix
 from depth_node.metadata import ModelLoadError
 from depth_node.pipeline import DepthPipeline, FrameResult, StampBuffer, build_pipeline
 
@@ -173,7 +173,7 @@ class BagRun:
             if image is not None:
                 self._emit(topic, timestamp, self._image(header, image))
         self._emit("/depth/camera_info", timestamp, self._camera_info(header, info))
-        if result.points is not None:
+        if result.cloud is not None:
             self._emit("/points", timestamp, self._cloud(header, result))
 
     def _emit(self, topic: str, timestamp: int, message) -> None:
@@ -217,20 +217,20 @@ class BagRun:
         )
 
     def _cloud(self, header, result: FrameResult):
-        cloud_fields, point_step, payload = pack_pointcloud2_fields(result.points, result.colors)
-        height, width = result.points.shape[:2]
+        cloud = result.cloud
+        height, width = cloud.points.shape[:2]
         point_field = self.types["sensor_msgs/msg/PointField"]
         return self.types["sensor_msgs/msg/PointCloud2"](
             header=header,
             height=height,
             width=width,
             is_bigendian=False,
-            point_step=point_step,
-            row_step=point_step * width,
-            data=np.frombuffer(payload, dtype=np.uint8),
+            point_step=cloud.point_step,
+            row_step=cloud.point_step * width,
+            data=np.frombuffer(cloud.payload, dtype=np.uint8),
             is_dense=False,
             fields=[
-                point_field(name=f.name, offset=f.offset, datatype=f.datatype, count=f.count) for f in cloud_fields
+                point_field(name=f.name, offset=f.offset, datatype=f.datatype, count=f.count) for f in cloud.fields
             ],
         )
 

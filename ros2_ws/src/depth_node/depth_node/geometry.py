@@ -19,11 +19,11 @@ from .conversions import message_array, message_bytes, new_message
 # sensor_msgs/PointField datatype codes (INT8 = 1 ... FLOAT64 = 8) and their numpy types.
 POINTFIELD_DTYPES = {1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 8: "f8"}
 _FLOAT32 = 7
-# One point is x, y, z, then either rgb or 4 bytes of zero padding: 16 bytes either way. xyz-only matches
-# depth_image_proc's point_cloud_xyz and pcl::PointXYZ (16 bytes, so PCL copies it in one block); with colour we
-# stay at 16 bytes (rgb at 12) instead of PCL's 32-byte PointXYZRGB, halving the bytes published. Readers
-# (rviz, PCL, depth_image_proc) locate fields by name and offset, so both layouts read back the same.
-POINT_STEP = 16
+# Bytes per point: x, y, z float32 (12, no padding), or x, y, z, rgb (16; rgb packed as PCL does, at 12) instead of
+# PCL's padded 16-byte PointXYZ / 32-byte PointXYZRGB. A full-resolution KITTI cloud is then 5.6 MB instead of 7.5,
+# which is most of what publishing it costs. Readers (rviz, PCL's fromROSMsg, Foxglove, depth_image_proc's
+# consumers) locate fields by name and offset, so every layout reads back the same.
+POINT_STEPS = {False: 12, True: 16}
 
 
 class CloudField(NamedTuple):
@@ -131,7 +131,9 @@ def points_to_depth_image(
     return image.reshape(height, width)
 
 
-def backproject(depth: np.ndarray, projection: np.ndarray, stride: int = 1) -> np.ndarray:
+def backproject(
+    depth: np.ndarray, projection: np.ndarray, stride: int = 1, out: np.ndarray | None = None
+) -> np.ndarray:
     """Organised 3D points from a depth image, as depth_image_proc's point_cloud_xyz computes them.
 
     x = (u - cx) * z / fx, y = (v - cy) * z / fy with fx, fy, cx, cy read from P (depth_image_proc uses
@@ -144,6 +146,8 @@ def backproject(depth: np.ndarray, projection: np.ndarray, stride: int = 1) -> n
         depth: (H, W) metres along the optical axis; NaN, +-Inf (REP 117) and <= 0 are invalid.
         projection: (3, 4) P of the depth image.
         stride: keep rows and columns 0, stride, 2 * stride, ... (their true pixel coordinates are used).
+        out: (ceil(H / stride), ceil(W / stride), 3) float32 array (may be strided, e.g. PackedCloud.points) to
+            write into instead of a new one.
 
     Returns:
         (ceil(H / stride), ceil(W / stride), 3) float32 metres in the camera optical frame, NaN where invalid.
@@ -158,11 +162,14 @@ def backproject(depth: np.ndarray, projection: np.ndarray, stride: int = 1) -> n
     with np.errstate(over="ignore", invalid="ignore"):  # absurd-but-finite intrinsics give inf, not warnings
         x_per_metre = ((columns - cx) / fx).astype(np.float32)
         y_per_metre = ((rows - cy) / fy).astype(np.float32)
-        z = np.where(np.isfinite(depth) & (depth > 0), depth, np.float32(np.nan))
-        points = np.empty(z.shape + (3,), dtype=np.float32)
+        points = np.empty(depth.shape + (3,), dtype=np.float32) if out is None else out
+        if points.shape != depth.shape + (3,) or points.dtype != np.float32:
+            raise ValueError(f"out must be float32 {depth.shape + (3,)}, got {points.dtype} {points.shape}")
+        z = points[..., 2]
+        z[...] = depth
+        z[~((depth > 0) & (depth < np.inf))] = np.nan  # NaN, +-Inf (REP 117) and <= 0: no point
         np.multiply(z, x_per_metre[None, :], out=points[..., 0])
         np.multiply(z, y_per_metre[:, None], out=points[..., 1])
-    points[..., 2] = z
     return points
 
 
@@ -180,58 +187,82 @@ def _fields_dtype(fields: list[CloudField], point_step: int, bigendian: bool = F
     )
 
 
-def _pack_cloud(points: np.ndarray, rgb: np.ndarray | None) -> tuple[list[CloudField], array.array]:
-    """Fields and payload (POINT_STEP-byte little-endian points, row-major) of an organised cloud."""
-    points = np.asarray(points)
-    if points.ndim != 3 or points.shape[2] != 3:
-        raise ValueError(f"points must be (H, W, 3), got shape {points.shape}")
-    if rgb is not None and (np.shape(rgb) != points.shape or np.asarray(rgb).dtype != np.uint8):
-        raise ValueError(f"rgb must be uint8 of shape {points.shape}, got {np.asarray(rgb).dtype} {np.shape(rgb)}")
+class PackedCloud(NamedTuple):
+    """An organised cloud in PointCloud2 layout: little-endian points, row-major, `point_step` bytes each.
+
+    `payload` is an array.array('B') of height * width * point_step bytes, kept by make_pointcloud2 without a copy;
+    `points` is a writable (height, width, 3) float32 view of its x, y, z.
+    """
+
+    fields: list[CloudField]
+    point_step: int
+    payload: array.array
+    points: np.ndarray
+
+
+def empty_cloud(height: int, width: int, colour: bool = False) -> PackedCloud:
+    """A zeroed organised cloud to fill in place (backproject(..., out=cloud.points), then set_cloud_colours).
+
+    Layout: x, y, z float32 at 0, 4, 8 (point_step 12), plus rgb at 12 with colour (point_step 16, see POINT_STEPS).
+    """
     fields = [CloudField("x", 0, _FLOAT32), CloudField("y", 4, _FLOAT32), CloudField("z", 8, _FLOAT32)]
-    payload, block = message_array(points.shape[:2] + (POINT_STEP // 4,), np.float32)  # zeroed: padding is 0
-    for axis in range(3):  # strided per-channel copies: ~10x faster than one (H, W, 3) block copy (6.6 -> 0.5 ms)
-        block[..., axis] = points[..., axis]
-    if rgb is None:
-        return fields, payload
-    # PCL packs colour as uint32 0x00RRGGBB read as a float32; little-endian bytes of that are B, G, R, 0.
-    # One plain copy per channel is 4x faster than one reversed-stride copy of all three.
-    point_bytes, rgb = block.view(np.uint8), np.asarray(rgb)
+    if colour:
+        fields.append(CloudField("rgb", 12, _FLOAT32))
+    point_step = POINT_STEPS[colour]
+    payload, block = message_array((height, width, point_step // 4), np.float32)
+    return PackedCloud(fields, point_step, payload, block[..., :3])
+
+
+def set_cloud_colours(cloud: PackedCloud, rgb: np.ndarray) -> None:
+    """Write (H, W, 3) uint8 RGB into a colour cloud's rgb field, packed as PCL does (uint32 0x00RRGGBB as float32)."""
+    if cloud.point_step != POINT_STEPS[True]:
+        raise ValueError("the cloud has no rgb field: make it with empty_cloud(..., colour=True)")
+    rgb = np.asarray(rgb)
+    if rgb.shape != cloud.points.shape or rgb.dtype != np.uint8:
+        raise ValueError(f"rgb must be uint8 of shape {cloud.points.shape}, got {rgb.dtype} {rgb.shape}")
+    # Little-endian bytes of 0x00RRGGBB are B, G, R, 0. One plain copy per channel is 4x faster than one
+    # reversed-stride copy of all three.
+    point_bytes = np.frombuffer(cloud.payload, np.uint8).reshape(*rgb.shape[:2], cloud.point_step)
     for channel in range(3):
         point_bytes[..., 14 - channel] = rgb[..., channel]
-    return [*fields, CloudField("rgb", 12, _FLOAT32)], payload
 
 
-def pack_pointcloud2_fields(points: np.ndarray, rgb: np.ndarray | None = None) -> tuple[list[CloudField], int, bytes]:
-    """PointCloud2 layout and payload for an organised cloud.
+def pack_cloud(points: np.ndarray, rgb: np.ndarray | None = None) -> PackedCloud:
+    """PointCloud2 layout and payload of an organised cloud.
 
     Args:
         points: (H, W, 3) float32 metres, NaN for invalid points.
         rgb: (H, W, 3) uint8 RGB of the same pixels (stride it like the points), or None for xyz only.
-
-    Returns:
-        fields (x, y, z float32 at 0, 4, 8, plus rgb float32 at 12 when colour is given), point_step (16, see
-        POINT_STEP) and the little-endian payload, row-major, H * W * point_step bytes.
     """
-    fields, payload = _pack_cloud(points, rgb)
-    return fields, POINT_STEP, payload.tobytes()
+    points = np.asarray(points)
+    if points.ndim != 3 or points.shape[2] != 3:
+        raise ValueError(f"points must be (H, W, 3), got shape {points.shape}")
+    cloud = empty_cloud(*points.shape[:2], colour=rgb is not None)
+    for axis in range(3):  # strided per-channel copies: ~10x faster than one (H, W, 3) block copy (6.6 -> 0.5 ms)
+        cloud.points[..., axis] = points[..., axis]
+    if rgb is not None:
+        set_cloud_colours(cloud, rgb)
+    return cloud
 
 
-def make_pointcloud2(header: Any, points: np.ndarray, rgb: np.ndarray | None = None) -> Any:
-    """Organised sensor_msgs/PointCloud2 (height H, width W, is_dense False) of (H, W, 3) points (+ uint8 rgb)."""
+def make_pointcloud2(header: Any, cloud: PackedCloud | np.ndarray, rgb: np.ndarray | None = None) -> Any:
+    """Organised sensor_msgs/PointCloud2 (height H, width W, is_dense False) of a PackedCloud, or of (H, W, 3)
+    points (+ uint8 rgb) packed here."""
     from sensor_msgs.msg import PointCloud2, PointField
 
-    fields, payload = _pack_cloud(points, rgb)
-    height, width = np.shape(points)[:2]
+    if not isinstance(cloud, PackedCloud):
+        cloud = pack_cloud(cloud, rgb)
+    height, width = cloud.points.shape[:2]
     return new_message(
         PointCloud2,
         header=header,
         height=height,
         width=width,
-        fields=[PointField(name=f.name, offset=f.offset, datatype=f.datatype, count=f.count) for f in fields],
+        fields=[PointField(name=f.name, offset=f.offset, datatype=f.datatype, count=f.count) for f in cloud.fields],
         is_bigendian=False,
-        point_step=POINT_STEP,
-        row_step=POINT_STEP * width,
-        data=payload,
+        point_step=cloud.point_step,
+        row_step=cloud.point_step * width,
+        data=cloud.payload,
         is_dense=False,
     )
 

@@ -170,7 +170,8 @@ class DepthNode(Node):
         decoded = time.perf_counter()
         points, transform = self._paired_cloud(msg.header) if self.params["use_lidar"] else (None, None)
         want_points = self._listened(self.pub_points)
-        result = self.pipeline.process(rgb, projection, points, transform, want_points=want_points)
+        want_confidence = self._listened(self.pub_images["depth/confidence"])
+        result = self.pipeline.process(rgb, projection, points, transform, want_points, want_confidence)
         stages = dict(result.timings_ms, **self._publish(msg.header, info, result), decode=(decoded - start) * 1e3)
         done = time.perf_counter()
         stages["wait"] = (start - received) * 1e3  # in the keep-latest slot while the previous frame ran
@@ -259,8 +260,8 @@ class DepthNode(Node):
         info_out = conversions.copy_camera_info(info)
         info_out.header = header
         messages.append((self.pub_info, info_out))
-        if result.points is not None:
-            messages.append((self.pub_points, make_pointcloud2(header, result.points, result.colors)))
+        if result.cloud is not None:
+            messages.append((self.pub_points, make_pointcloud2(header, result.cloud)))
         built = time.perf_counter()
         for publisher, message in messages:
             publisher.publish(message)

@@ -21,7 +21,7 @@ import numpy as np
 
 from depth_node.completion import Alignment, AlignmentPrior, align_depth, apply_alignment, project_lidar
 from depth_node.engine import DepthEngine, open_engine
-from depth_node.geometry import backproject
+from depth_node.geometry import PackedCloud, backproject, empty_cloud, set_cloud_colours
 from depth_node.params import lidar_to_camera_matrix
 
 # (rgb (H, W, 3) uint8, aligned depth (H, W) metres, sparse LiDAR depth (H, W) metres 0 = none) -> (H, W) metres.
@@ -85,8 +85,9 @@ class FrameResult:
         alignment: the LiDAR alignment of this frame (check `.ok`), or None without LiDAR.
         confidence: (H, W) float32 in [0, 1], or None when the model has no bins.
         points: (ceil(H/stride), ceil(W/stride), 3) float32 metres in the camera optical frame, NaN where depth is
-            not finite; None when points are off or depth is not metric.
+            not finite; None when points are off or depth is not metric. A view of `cloud`.
         colors: uint8 RGB matching points, or None.
+        cloud: the points (and colours) already in PointCloud2 layout, for make_pointcloud2; None with points.
         timings_ms: stage -> milliseconds (preprocess, inference, postprocess, align, cloud).
     """
 
@@ -97,6 +98,7 @@ class FrameResult:
     confidence: np.ndarray | None = None
     points: np.ndarray | None = None
     colors: np.ndarray | None = None
+    cloud: PackedCloud | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -158,6 +160,7 @@ class DepthPipeline:
         lidar_points: np.ndarray | None = None,
         lidar_to_camera: np.ndarray | None = None,
         want_points: bool = True,
+        want_confidence: bool = True,
     ) -> FrameResult:
         """One frame.
 
@@ -168,8 +171,9 @@ class DepthPipeline:
                 (used only with options.use_lidar; a missing or empty scan falls back on the temporal prior).
             lidar_to_camera: (4, 4) LiDAR->camera transform for this scan (e.g. from TF); default the option's.
             want_points: build the cloud (with options.publish_points); False when nobody listens to it.
+            want_confidence: produce the confidence map (models with bins); False when nobody listens to it.
         """
-        result = self.engine.infer(rgb)
+        result = self.engine.infer(rgb, confidence=want_confidence)
         timings = dict(result.timings)
         raw = apply_rep117(result.depth, self.min_depth, self.max_depth) if self.model_metric else result.depth
         frame = FrameResult(raw, self.model_metric, confidence=result.confidence, timings_ms=timings)
@@ -179,10 +183,12 @@ class DepthPipeline:
             timings["align"] = (time.perf_counter() - start) * 1e3
         if want_points and self.options.publish_points and frame.metric:
             start = time.perf_counter()
-            stride = self.options.points_stride
-            frame.points = backproject(frame.depth, projection, stride=stride)
-            if self.options.colorize_points:
-                frame.colors = np.ascontiguousarray(rgb[::stride, ::stride])
+            stride, colour = self.options.points_stride, self.options.colorize_points
+            frame.cloud = empty_cloud(-(-raw.shape[0] // stride), -(-raw.shape[1] // stride), colour)
+            frame.points = backproject(frame.depth, projection, stride=stride, out=frame.cloud.points)
+            if colour:
+                frame.colors = rgb[::stride, ::stride]
+                set_cloud_colours(frame.cloud, frame.colors)
             timings["cloud"] = (time.perf_counter() - start) * 1e3
         return frame
 
