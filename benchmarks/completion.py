@@ -15,8 +15,8 @@ half-resolution KITTI-sized frame (188x621) of the same world, one ONNX Runtime 
 core would take, the wall time what this busy machine gave.
 
     python benchmarks/completion.py --quick      # smoke run (tests): tiny world and runs, about a minute
-    OMP_NUM_THREADS=1 python benchmarks/completion.py   # CPU-feasible: ~20 min on 2 cores shared with other jobs
-                                                 # (world 1 min, mono 4 min, completion 13 min, scoring 2 min)
+    OMP_NUM_THREADS=1 python benchmarks/completion.py   # CPU-feasible: ~30 min on 2 cores shared with other jobs
+                                                 # (world 1 min, mono 4 min, completion 20-25 min, scoring 2 min)
 On a shared CPU keep OMP_NUM_THREADS=1: two torch threads on busy cores trained 8x slower here. World and runs are
 cached under --cache keyed by the setting, so a re-run only scores and times ("minutes" in the JSON is the wall time
 of the invocation that wrote it). Writes --out (JSON).
@@ -71,7 +71,7 @@ SETTINGS = {
                      mono_lr=1e-3, completion_widths=(8, 8, 16), completion_steps=20, completion_lr=2e-3, batch=2,
                      latency_runs=3),
     "default": Setting(size=(96, 320), frames=240, mono_arch="efficientnet_b0", mono_width=32, mono_bins=64,
-                       mono_steps=300, mono_lr=1e-3, completion_widths=(12, 24, 48, 64), completion_steps=1500,
+                       mono_steps=300, mono_lr=1e-3, completion_widths=(12, 24, 48, 64), completion_steps=3000,
                        completion_lr=2e-3, batch=4, latency_runs=50),
 }  # fmt: skip
 
