@@ -169,6 +169,7 @@ class CompletionKD(Section):
     output_stride: Literal[1, 2]
     l1_weight: Annotated[float, Field(ge=0)]
     l2_weight: Annotated[float, Field(ge=0)]
+    log_l1_weight: Annotated[float, Field(ge=0)]
     align_method: Literal["huber", "ransac"]
     align_min_points: Annotated[int, Field(ge=2)]
 

@@ -4,6 +4,7 @@ KITTI frame, and the benchmark's quick mode."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from distill.data import build_dataset
 from distill.data.kitti import keep_beams, laser_rings, read_velodyne
 from distill.data.synth_sensors import LIDAR_ELEVATIONS
 from distill.errors import UserError
-from distill.kd.completion import CompletionMethod, build_method, masked_l1_l2
+from distill.kd.completion import CompletionMethod, build_method, masked_l1_l2, masked_log_l1
 from distill.models import build_student
 from distill.models.completion import CompletionNet, build_completion, pooled_guidance
 
@@ -98,6 +99,9 @@ def test_masked_losses_golden_values_and_empty_mask():
     l1, l2 = masked_l1_l2(pred, gt, torch.zeros_like(gt, dtype=torch.bool))
     (l1 + l2).backward()
     assert float(l1.detach()) == 0.0 and pred.grad is not None
+    # |ln 1 - ln 2|, 0, |ln 3 - ln 1| over the three labelled pixels: (ln 2 + ln 3) / 3 = ln 6 / 3
+    assert float(masked_log_l1(pred, gt, gt > 0).detach()) == pytest.approx(math.log(6.0) / 3.0)
+    assert float(masked_log_l1(pred, gt, torch.zeros_like(gt, dtype=torch.bool)).detach()) == 0.0
 
 
 def test_laser_rings_recover_the_synthetic_beams_and_16_beams_keep_a_quarter():
@@ -266,7 +270,9 @@ def test_quick_benchmark_writes_every_row_for_both_lidars_and_the_latency(quick_
     accuracy = {"two_stage_rmse_at_most_half_of_mono_aligned", "two_stage_rmse_below_lidar_fill",
                 "two_stage_d1_at_least_0.97"}  # fmt: skip
     assert set(results["targets"]) == {
-        "added_latency_at_most_20ms_cpu_time", *accuracy, *(f"{name}_full_frame" for name in accuracy)
+        "added_latency_at_most_20ms_cpu_time",
+        *accuracy,
+        *(f"{name}_full_frame" for name in accuracy),
     }
 
 
@@ -345,8 +351,10 @@ def test_real_kitti_frame_lidar_aligned_depth_beats_the_unaligned_model(quick_be
     (completion_onnx,) = quick_bench.glob("*/export/*.onnx")
     completed = CompletionRunner(completion_onnx)(rgb, aligned, sparse)
     errors = {"unaligned": rmse(raw, truth), "aligned": rmse(aligned, truth), "two_stage": rmse(completed, truth)}
-    print(f"real KITTI frame, RMSE vs the official ground truth (m): {errors}; alignment: {fit.reason}, "
-          f"s={fit.scale:.3g} t={fit.shift:.3g} on {fit.points} LiDAR points")
+    print(
+        f"real KITTI frame, RMSE vs the official ground truth (m): {errors}; alignment: {fit.reason}, "
+        f"s={fit.scale:.3g} t={fit.shift:.3g} on {fit.points} LiDAR points"
+    )
     assert fit.ok and fit.points > 5000
     assert errors["aligned"] < errors["unaligned"]
     assert np.isfinite(completed).all()
