@@ -70,8 +70,9 @@ def test_kills_during_checkpoint_writes_always_leave_the_newest_complete_one(tmp
     """SIGKILL a process that saves in a loop, each time while a save is in flight, and restart it where it stood."""
     rng = random.Random(0)
     save_numbered(tmp_path, 0)
-    step, mid_write = 1, 0
-    for _ in range(5):
+    step, mid_write, kills = 1, 0, 0
+    while kills < 5 or (mid_write < 3 and kills < 30):  # a fast idle disk finishes many saves before the kill lands
+        kills += 1
         command = [sys.executable, "-c", WRITER, str(tmp_path), str(step)]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         writer = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
@@ -89,7 +90,7 @@ def test_kills_during_checkpoint_writes_always_leave_the_newest_complete_one(tmp
         resumed = assert_consistent(found)
         assert resumed in (done, done + 1)  # the last save that returned, or one killed just after completing
         step = resumed + 1
-    assert mid_write >= 3  # most kills left a save half-done
+    assert mid_write >= 3  # enough kills left a save half-done for the test to mean something
     assert assert_consistent(save_numbered(tmp_path, step)) == step
     assert sorted(path.name for path in tmp_path.iterdir()) == ["last"]
 
