@@ -84,10 +84,9 @@ class FrameResult:
             None: the node publishes it on `depth/mono`.
         alignment: the LiDAR alignment of this frame (check `.ok`), or None without LiDAR.
         confidence: (H, W) float32 in [0, 1], or None when the model has no bins.
-        points: (ceil(H/stride), ceil(W/stride), 3) float32 metres in the camera optical frame, NaN where depth is
-            not finite; None when points are off or depth is not metric. A view of `cloud`.
-        colors: uint8 RGB matching points, or None.
-        cloud: the points (and colours) already in PointCloud2 layout, for make_pointcloud2; None with points.
+        cloud: the organised cloud in PointCloud2 layout (for make_pointcloud2), or None when points are off or
+            depth is not metric. `cloud.points`: (ceil(H/stride), ceil(W/stride), 3) float32 metres in the camera
+            optical frame, NaN where depth is not finite; with colorize_points, PCL-packed rgb beside them.
         timings_ms: stage -> milliseconds (preprocess, inference, postprocess, align, cloud).
     """
 
@@ -96,8 +95,6 @@ class FrameResult:
     mono: np.ndarray | None = None
     alignment: Alignment | None = None
     confidence: np.ndarray | None = None
-    points: np.ndarray | None = None
-    colors: np.ndarray | None = None
     cloud: PackedCloud | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
 
@@ -185,10 +182,9 @@ class DepthPipeline:
             start = time.perf_counter()
             stride, colour = self.options.points_stride, self.options.colorize_points
             frame.cloud = empty_cloud(-(-raw.shape[0] // stride), -(-raw.shape[1] // stride), colour)
-            frame.points = backproject(frame.depth, projection, stride=stride, out=frame.cloud.points)
+            backproject(frame.depth, projection, stride=stride, out=frame.cloud.points)
             if colour:
-                frame.colors = rgb[::stride, ::stride]
-                set_cloud_colours(frame.cloud, frame.colors)
+                set_cloud_colours(frame.cloud, rgb[::stride, ::stride])
             timings["cloud"] = (time.perf_counter() - start) * 1e3
         return frame
 
