@@ -139,28 +139,27 @@ class Bench:
                 write_world(folder, frames=frames, seed=seed, domain=domain, size=(width, height), bag=bag)
                 (folder / ".complete").touch()
 
-    def common(self, steps: int, lr: float) -> list[str]:
-        """Overrides shared by every run: data, length, logging."""
+    def common(self, steps: int, lr: float, root: Path | None = None) -> list[str]:
+        """Overrides shared by every run: data (the kitti-domain world unless `root`), length, logging."""
         height, width = self.setting.size
         return [f"run.device={self.device}", "run.tensorboard=false", "run.seed=0", "data.kind=kitti",
-                f"data.root={self.world}", f"data.size=[{height}, {width}]", f"data.batch_size={self.setting.batch}",
-                "data.num_workers=0", "data.val_split=null", f"train.steps={steps}", "train.epochs=null",
-                f"train.lr={lr}", f"train.lr_end={lr / 10}", f"train.warmup_steps={max(steps // 20, 1)}",
-                "train.log_every=50", "train.val_every=0", f"train.ckpt_every={max(steps // 4, 1)}",
-                f"model.bins={self.setting.bins}"]  # fmt: skip
+                f"data.root={root or self.world}", f"data.size=[{height}, {width}]",
+                f"data.batch_size={self.setting.batch}", "data.num_workers=0", "data.val_split=null",
+                f"train.steps={steps}", "train.epochs=null", f"train.lr={lr}", f"train.lr_end={lr / 10}",
+                f"train.warmup_steps={max(steps // 20, 1)}", "train.log_every=50", "train.val_every=0",
+                f"train.ckpt_every={max(steps // 4, 1)}", f"model.bins={self.setting.bins}"]  # fmt: skip
 
-    def teacher_overrides(self) -> list[str]:
+    def teacher_overrides(self, steps: int | None = None, lr: float | None = None, root: Path | None = None):
+        """The teacher's run: teacher_steps at teacher_lr on the kitti-domain world unless given."""
         s = self.setting
-        return [*self.common(s.teacher_steps, s.teacher_lr), "model.kind=teacher",
+        return [*self.common(steps or s.teacher_steps, lr or s.teacher_lr, root), "model.kind=teacher",
                 f"model.spec={s.teacher_spec}", f"model.decoder_width={s.teacher_width}"]  # fmt: skip
 
     def labelfree_teacher_overrides(self) -> list[str]:
         """The kitti teacher fine-tuned on the labels of the second (seed 1) shifted-domain world."""
         s = self.setting
-        common = [f"data.root={self.teacher_shifted}" if o.startswith("data.root=") else o
-                  for o in self.common(s.labelfree_teacher_steps, s.teacher_lr / 2)]  # fmt: skip
-        return [*common, "model.kind=teacher", f"model.spec={s.teacher_spec}", f"model.decoder_width={s.teacher_width}",
-                f"model.weights={self.run_dirs['teacher']}"]  # fmt: skip
+        tuning = self.teacher_overrides(s.labelfree_teacher_steps, s.teacher_lr / 2, self.teacher_shifted)
+        return [*tuning, f"model.weights={self.run_dirs['teacher']}"]
 
     def student_overrides(self, row: str) -> list[str]:
         s = self.setting
@@ -275,13 +274,16 @@ def run(setting: Setting, cache: Path, device: str) -> dict:
     report = {"rows": rows, "gap_closure": gap_closure(rows)}
     if "labelfree" in setting.rows:
         missing = method_available(ROW_OVERRIDES["labelfree"])
-        before = {"status": "not available", "reason": missing} if missing else bench.score(
-            bench.run_dirs["baseline"], bench.shifted)  # fmt: skip
-        teachers = {"teacher (kitti)": bench.score(teacher_dir, bench.shifted)}
-        if not missing and setting.labelfree_teacher_steps:
-            labelfree_teacher = bench.train("labelfree_teacher", bench.labelfree_teacher_overrides())
-            teachers["teacher (label-free KD)"] = bench.score(labelfree_teacher, bench.shifted)
-        report["labelfree"] = {"before": before, "after": run_row(bench, "labelfree"), **teachers}
+        if missing:  # no shifted world was rendered either
+            unavailable = {"status": "not available", "reason": missing}
+            report["labelfree"] = {"before": unavailable, "after": unavailable}
+        else:
+            before = bench.score(bench.run_dirs["baseline"], bench.shifted)
+            teachers = {"teacher (kitti)": bench.score(teacher_dir, bench.shifted)}
+            if setting.labelfree_teacher_steps:
+                labelfree_teacher = bench.train("labelfree_teacher", bench.labelfree_teacher_overrides())
+                teachers["teacher (label-free KD)"] = bench.score(labelfree_teacher, bench.shifted)
+            report["labelfree"] = {"before": before, "after": run_row(bench, "labelfree"), **teachers}
     report["config"] = {
         **dataclasses.asdict(setting), "device": device, "cache": str(cache), "row_overrides": ROW_OVERRIDES,
         "protocol": "KITTI metrics, Garg crop, no alignment, depth 1e-3..80 m, test split of the synthetic world",
