@@ -32,9 +32,8 @@ from tqdm import tqdm
 
 from depth_node.conversions import (
     camera_info_to_P,
-    compressed_to_numpy,
+    image_msg_to_rgb,
     ros2_camera_info,
-    to_rgb,
     validate_camera_info,
 )
 from depth_node.geometry import lidar_to_depth, lookup_transform, pointcloud2_to_xyz, transform_to_matrix
@@ -344,7 +343,7 @@ class BagDataset(Dataset):
     def _decode_image(self, msg: Any, path: Path, stamp: int) -> np.ndarray:
         """(H, W, 3) uint8 RGB of an Image or CompressedImage."""
         try:
-            return compressed_to_numpy(msg) if hasattr(msg, "format") else to_rgb(msg)
+            return image_msg_to_rgb(msg)
         except ValueError as error:
             raise UserError(f"rosbag {path}: image on {self.topics['image']!r} at {stamp} ns: {error}") from None
 

@@ -132,8 +132,7 @@ class BagRun:
             return
         try:
             conversions.validate_camera_info(info)
-            compressed = hasattr(message, "format")
-            rgb = conversions.compressed_to_numpy(message) if compressed else conversions.to_rgb(message)
+            rgb = conversions.image_msg_to_rgb(message)
         except ValueError as error:
             self._warn(f"image skipped: {error}")
             return

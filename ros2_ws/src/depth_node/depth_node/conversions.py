@@ -161,6 +161,12 @@ def to_rgb(msg: Any) -> np.ndarray:
     return image
 
 
+def image_msg_to_rgb(msg: Any) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of a sensor_msgs/Image (`to_rgb`) or CompressedImage (`compressed_to_numpy`, which has
+    a `format`); rclpy and rosbags messages alike. ValueError when it is malformed."""
+    return compressed_to_numpy(msg) if hasattr(msg, "format") else to_rgb(msg)
+
+
 def compressed_to_numpy(msg: Any) -> np.ndarray:
     """Decode a sensor_msgs/CompressedImage (JPEG or PNG) to (H, W, 3) uint8 RGB.
 

@@ -195,7 +195,7 @@ class DepthNode(Node):
         except ValueError as error:
             return self._skip(error, kind="camera_info")
         try:
-            rgb = _decode_image(msg)
+            rgb = conversions.image_msg_to_rgb(msg)
         except ValueError as error:
             return self._skip(error, kind="image")
         self._follow_stream(msg.header, rgb.shape[:2])
@@ -298,11 +298,6 @@ class DepthNode(Node):
         if self._worker is not None:
             self._worker.join(timeout=5.0)
         super().destroy_node()
-
-
-def _decode_image(msg: Image | CompressedImage) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of a raw or compressed image; ValueError when it is malformed."""
-    return conversions.compressed_to_numpy(msg) if isinstance(msg, CompressedImage) else conversions.to_rgb(msg)
 
 
 def _stamp_ns(header) -> int:
