@@ -62,17 +62,19 @@ class Setting:
     completion_widths: tuple[int, ...]
     completion_steps: int
     completion_lr: float
+    completion_lidar_gate: bool  # kd.completion.lidar_gate
     batch: int
     latency_runs: int
 
 
 SETTINGS = {
     "quick": Setting(size=(32, 96), frames=10, mono_arch="resnet18", mono_width=8, mono_bins=8, mono_steps=20,
-                     mono_lr=1e-3, completion_widths=(8, 8, 16), completion_steps=20, completion_lr=2e-3, batch=2,
+                     mono_lr=1e-3, completion_widths=(8, 8, 16), completion_steps=20, completion_lr=2e-3,
+                     completion_lidar_gate=True, batch=2,
                      latency_runs=3),
     "default": Setting(size=(96, 320), frames=240, mono_arch="efficientnet_b0", mono_width=32, mono_bins=64,
                        mono_steps=300, mono_lr=1e-3, completion_widths=(12, 24, 48, 64), completion_steps=3000,
-                       completion_lr=2e-3, batch=4, latency_runs=50),
+                       completion_lr=2e-3, completion_lidar_gate=True, batch=4, latency_runs=50),
 }  # fmt: skip
 
 
@@ -126,7 +128,8 @@ class Bench:
         mono = self.train("mono", "student-effb0.yaml", self.common(s.mono_steps, s.mono_lr))
         widths = json.dumps(list(s.completion_widths))
         overrides = [*self.common(s.completion_steps, s.completion_lr), f"model.weights={mono / 'last'}",
-                     "data.lidar_beams=[64, 32, 16]", f"kd.completion.widths={widths}"]  # fmt: skip
+                     "data.lidar_beams=[64, 32, 16]", f"kd.completion.widths={widths}",
+                     f"kd.completion.lidar_gate={str(s.completion_lidar_gate).lower()}"]  # fmt: skip
         return mono, self.train("completion", "completion-effb0.yaml", overrides)
 
 

@@ -167,6 +167,7 @@ class CompletionKD(Section):
 
     widths: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=2)]
     output_stride: Literal[1, 2]
+    lidar_gate: bool
     l1_weight: Annotated[float, Field(ge=0)]
     l2_weight: Annotated[float, Field(ge=0)]
     log_l1_weight: Annotated[float, Field(ge=0)]

@@ -47,6 +47,28 @@ def test_untrained_network_returns_the_aligned_depth_with_the_input_shape():
     torch.testing.assert_close(depth, aligned)  # the zero-initialised head predicts no correction
 
 
+@pytest.mark.parametrize("trust_logit, expected_on_points", [(30.0, "sparse"), (-30.0, "aligned"), (0.0, "halfway")])
+def test_lidar_gate_blends_the_points_by_their_trust_and_leaves_other_pixels_alone(trust_logit, expected_on_points):
+    net = CompletionNet(widths=(4, 8, 8), lidar_gate=True).eval()
+    assert net.head.out_channels == 2 and net.spec["lidar_gate"] is True
+    with torch.no_grad():
+        net.head.bias[1] = trust_logit  # weights stay 0: the same trust at every pixel, no residual
+        image, aligned, sparse, mask = completion_inputs()
+        depth = net(image, aligned, sparse, mask).depth
+    on = mask.bool()
+    torch.testing.assert_close(depth[~on], aligned[~on])  # the gate acts on LiDAR pixels only
+    expected = {"sparse": sparse, "aligned": aligned, "halfway": (aligned * sparse).clamp_min(1e-12).sqrt()}
+    torch.testing.assert_close(depth[on], expected[expected_on_points][on])  # log-space blend: geometric mean at 0.5
+
+
+def test_specs_without_the_gate_build_the_gate_free_network_their_weights_fit():
+    old = CompletionNet(widths=(4, 8, 8))
+    spec = {key: value for key, value in old.spec.items() if key != "lidar_gate"}  # written before the gate existed
+    rebuilt = build_completion(spec)
+    assert rebuilt.lidar_gate is False
+    rebuilt.load_state_dict(old.state_dict())
+
+
 def test_trained_weights_give_finite_depth_in_range_even_from_extreme_inputs():
     torch.manual_seed(0)
     net = CompletionNet(widths=(4, 8, 8), min_depth=0.5, max_depth=80.0)
@@ -214,8 +236,8 @@ def test_export_matches_pytorch_in_onnx_runtime_and_the_runner_keeps_rep117_stat
     from distill.export import export_onnx
 
     torch.manual_seed(0)
-    net = CompletionNet(widths=(4, 8, 8), max_depth=80.0)
-    torch.nn.init.normal_(net.head.weight, std=0.1)  # a non-trivial correction, so parity is not just "aligned"
+    net = CompletionNet(widths=(4, 8, 8), max_depth=80.0, lidar_gate=True)
+    torch.nn.init.normal_(net.head.weight, std=0.1)  # a non-trivial correction and trust, so parity is not "aligned"
     path, metadata = export_onnx(net.eval(), tmp_path, (32, 96), False, 17, {"kd": {"method": "completion"}})
     assert metadata.input_size == (32, 96) and metadata.output_kind == "metric" and metadata.arch == "completion"
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -15,7 +15,8 @@ The samples need `sparse_depth`: set `data.lidar_beams` (64, 32, 16, or a list t
 during training is not supported (the image-only validator cannot feed the network): set `data.val_split: null`;
 `benchmarks/completion.py` evaluates the two stages.
 
-Config (`kd.completion`): widths, output_stride, l1_weight, l2_weight, log_l1_weight, align_method, align_min_points.
+Config (`kd.completion`): widths, output_stride, lidar_gate, l1_weight, l2_weight, log_l1_weight, align_method,
+align_min_points.
 """
 
 from __future__ import annotations
@@ -141,5 +142,7 @@ def build_method(config: Config, student: DepthModel, device: torch.device) -> M
     if config.model.weights is None:
         tqdm.write("kd.method=completion: model.weights is null, so stage 1 is a random-init model")
     mono = student.eval().requires_grad_(False)
-    network = CompletionNet(cfg.widths, cfg.output_stride, config.model.min_depth, config.model.max_depth)
+    network = CompletionNet(
+        cfg.widths, cfg.output_stride, config.model.min_depth, config.model.max_depth, lidar_gate=cfg.lidar_gate
+    )
     return CompletionMethod(network.to(device), mono, cfg)
