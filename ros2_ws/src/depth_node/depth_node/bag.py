@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from depth_node import conversions, params
 from depth_node.geometry import lookup_transform, pointcloud2_to_xyz, transform_to_matrix
+from depth_node.memory import reuse_large_buffers
 from depth_node.metadata import ModelLoadError
 from depth_node.pipeline import DepthPipeline, FrameResult, StampBuffer, build_pipeline
 
@@ -331,6 +332,7 @@ def run(args: argparse.Namespace) -> BagSummary:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    reuse_large_buffers()
     try:
         summary = run(args)
     except (ModelLoadError, ValueError, FileNotFoundError) as error:

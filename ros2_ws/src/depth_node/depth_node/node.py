@@ -28,6 +28,7 @@ from depth_node import conversions, diagnostics, params
 from depth_node.engine import ModelLoadError
 from depth_node.flow import Counters, FrameSlot, Throttle
 from depth_node.geometry import make_pointcloud2, pointcloud2_to_xyz, transform_to_matrix
+from depth_node.memory import reuse_large_buffers
 from depth_node.pipeline import FrameResult, StampBuffer, build_pipeline
 
 STAGE_WINDOW = 100  # diagnostics report the median of each stage over the last frames
@@ -325,6 +326,7 @@ def main(args: list[str] | None = None) -> int:
     # A signal landing inside Node.__init__ makes rclpy tear the half-built node down and warn about its rosout
     # publisher; that is the requested exit, not a fault, so it must not look like one on stderr.
     warnings.filterwarnings("ignore", message="Failed to fini rosout publisher", category=RuntimeWarning)
+    reuse_large_buffers()  # before rclpy.init: the DDS receive buffers are the first megabyte allocations
     rclpy.init(args=args)
     executor, node, code = None, None, 0
     try:
