@@ -1,11 +1,12 @@
 """Keep the per-frame megabyte buffers in the heap, where they are reused, instead of fresh mmaps (glibc). No ROS.
 
 Each camera frame passes through several buffers of a megabyte or more: the DDS sample and the message rclpy builds
-from it, the network input, the depth image, a 5.6 MB KITTI cloud. glibc serves allocations above its mmap threshold
-(128 KiB at start, adapting upwards only as mmapped chunks are freed) with fresh mappings, and every page of those
-costs a page fault and kernel zeroing on first touch. Measured here on the receiving end of a 1.4 MB rgb8 image at
-50 Hz (rclpy, Fast DDS): about 990 minor faults and 4.4 ms of CPU per image, paid even for the frames the node's
-keep-latest slot then drops; with the thresholds below, no faults and 1.2-1.6 ms.
+from it, the network input, the depth image, a 5.6 MB KITTI cloud. glibc maps allocations above its mmap threshold
+afresh and hands freed heap above its trim threshold back to the system (both start at 128 KiB and adapt only partly
+to such a pattern), so the next frame's buffers fault their pages in again, each one a page fault plus kernel
+zeroing. Measured here on the receiving end of a 1.4 MB rgb8 image at 50 Hz (rclpy, Fast DDS): about 990 minor
+faults and 4.4 ms of CPU per image, paid even for the frames the node's keep-latest slot then drops; with the
+thresholds below, no faults and 1.2-1.6 ms.
 """
 
 from __future__ import annotations
