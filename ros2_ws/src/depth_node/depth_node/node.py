@@ -8,6 +8,7 @@ waiting one, which is counted as dropped, so latency stays bounded when the mode
 
 from __future__ import annotations
 
+import signal
 import sys
 import threading
 import time
@@ -21,6 +22,7 @@ from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.signals import SignalHandlerOptions, install_signal_handlers
 from rclpy.time import Time
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 
@@ -320,20 +322,29 @@ def main(args: list[str] | None = None) -> int:
     """`depth_node --ros-args ...` (args default to sys.argv, so --ros-args reaches rclpy).
 
     Returns the exit code: 1 when the model or a parameter is unusable (one line on stderr), 0 after SIGINT or
-    SIGTERM, also when one arrives during start-up: rclpy's handlers shut the context down, so whatever then fails
-    on it is part of the requested exit.
+    SIGTERM, also when one arrives during start-up.
+
+    Start-up runs under handlers of ours that only note the signal, so the context stays valid until the node is
+    built: with rclpy's handlers a signal shut the context down from another thread while the node was still logging
+    its start-up lines, and rcl printed "Failed to publish log message to rosout" for each. rclpy's handlers (which
+    wake the executor) take over once the node is up; a signal noted before then ends the process without spinning.
     """
-    # A signal landing inside Node.__init__ makes rclpy tear the half-built node down and warn about its rosout
-    # publisher; that is the requested exit, not a fault, so it must not look like one on stderr.
+    # A half-built node torn down on the way out warns about its rosout publisher; that is the requested exit, not
+    # a fault, so it must not look like one on stderr.
     warnings.filterwarnings("ignore", message="Failed to fini rosout publisher", category=RuntimeWarning)
     reuse_large_buffers()  # before rclpy.init: the DDS receive buffers are the first megabyte allocations
-    rclpy.init(args=args)
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
     executor, node, code = None, None, 0
     try:
-        executor = SingleThreadedExecutor()  # before the slow model load: from here on a signal wakes it
         node = DepthNode()
+        executor = SingleThreadedExecutor()
         executor.add_node(node)
-        executor.spin()
+        install_signal_handlers(SignalHandlerOptions.ALL)  # they call ours too, which only set `stop`
+        if not stop.is_set():
+            executor.spin()
     except (ModelLoadError, FileNotFoundError, ValueError) as error:
         if rclpy.ok():
             print(f"depth_node: error: {error}", file=sys.stderr)
@@ -341,7 +352,7 @@ def main(args: list[str] | None = None) -> int:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except Exception:
-        if rclpy.ok():
+        if rclpy.ok():  # a failure on a context a signal has shut down is part of the requested exit
             raise
     finally:
         if node is not None:
