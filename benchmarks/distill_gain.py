@@ -149,7 +149,9 @@ class Bench:
                 f"train.warmup_steps={max(steps // 20, 1)}", "train.log_every=50", "train.val_every=0",
                 f"train.ckpt_every={max(steps // 4, 1)}", f"model.bins={self.setting.bins}"]  # fmt: skip
 
-    def teacher_overrides(self, steps: int | None = None, lr: float | None = None, root: Path | None = None):
+    def teacher_overrides(
+        self, steps: int | None = None, lr: float | None = None, root: Path | None = None
+    ) -> list[str]:
         """The teacher's run: teacher_steps at teacher_lr on the kitti-domain world unless given."""
         s = self.setting
         return [*self.common(steps or s.teacher_steps, lr or s.teacher_lr, root), "model.kind=teacher",
