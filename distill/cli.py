@@ -10,23 +10,13 @@ import sys
 from pathlib import Path
 
 from distill.errors import UserError
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """Parse "AxB" into (A, B); each verb documents which of the two is the height."""
-    try:
-        first, second = (int(part) for part in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 352x1216, got {text!r}") from None
-    if first <= 0 or second <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
-    return first, second
+from distill.parsing import size_argument
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
     from distill.data.synth import write_world
 
-    width, height = args.size  # synth takes KITTI's "1242x375" order: width x height
+    height, width = args.size
     write_world(args.out, frames=args.frames, seed=args.seed, domain=args.domain, size=(width, height), bag=args.bag)
     return 0
 
@@ -91,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--domain", choices=["kitti", "shifted"], default="kitti")
-    synth.add_argument("--size", type=parse_size, default=(1242, 375), help="WIDTHxHEIGHT (default 1242x375)")
+    synth.add_argument("--size", type=size_argument, default=(375, 1242), help="HEIGHTxWIDTH (default 375x1242)")
     synth.add_argument("--bag", choices=["mcap", "sqlite3", "none"], default="mcap")
     synth.set_defaults(func=cmd_synth)
 
@@ -112,14 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = verbs.add_parser("info", help="parameters and FLOPs of a student, teacher or checkpoint")
     info.add_argument("model", help="student arch (e.g. efficientnet_b0), teacher spec (timm:...) or checkpoint")
-    info.add_argument("--size", type=parse_size, default=(352, 1216), help="HEIGHTxWIDTH (default 352x1216)")
+    info.add_argument("--size", type=size_argument, default=(352, 1216), help="HEIGHTxWIDTH (default 352x1216)")
     info.set_defaults(func=cmd_info)
 
     export = verbs.add_parser("export", help="export a checkpoint to ONNX (and a TensorRT engine)")
     export.add_argument("checkpoint", type=Path, nargs="?", help="checkpoint folder or file")
     export.add_argument("--out", type=Path, required=True)
     export.add_argument("--format", default="onnx", help="comma-separated: onnx,engine")
-    export.add_argument("--size", type=parse_size, default=(352, 1216), help="HEIGHTxWIDTH (default 352x1216)")
+    export.add_argument("--size", type=size_argument, default=(352, 1216), help="HEIGHTxWIDTH (default 352x1216)")
     export.add_argument("--dynamic", action="store_true", help="dynamic batch/height/width")
     export.add_argument("--fp16", action="store_true")
     export.add_argument("--int8", action="store_true")
@@ -141,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = verbs.add_parser("bench", help="latency of an exported model per backend")
     bench.add_argument("model", type=Path)
     bench.add_argument("--backend", default="onnxruntime")
-    bench.add_argument("--size", type=parse_size, default=None, help="HEIGHTxWIDTH (default: the model's)")
+    bench.add_argument("--size", type=size_argument, default=None, help="HEIGHTxWIDTH (default: the model's)")
     bench.add_argument("--runs", type=int, default=50)
     bench.add_argument("--threads", type=int, default=None, help="CPU inference threads (default: ONNX Runtime's)")
     bench.set_defaults(func=cmd_bench)

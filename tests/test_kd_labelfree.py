@@ -117,7 +117,7 @@ def test_a_relative_teacher_is_aligned_to_the_student_before_distilling(tmp_path
 @pytest.mark.slow
 def test_labelfree_trains_from_a_synthetic_rosbag(tmp_path, capsys):
     world = tmp_path / "world"
-    assert distill_main(["synth", str(world), "--frames", "4", "--size", "64x32", "--bag", "mcap"]) == 0
+    assert distill_main(["synth", str(world), "--frames", "4", "--size", "32x64", "--bag", "mcap"]) == 0
     bags = sorted(str(path) for path in (world / "bags").iterdir())
     onnx_file = export_onnx_teacher(tmp_path / "teacher.onnx")
     overrides = [

@@ -16,7 +16,6 @@ can also be passed as keywords to `build_external_teacher` (a config's teacher b
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -32,6 +31,7 @@ from depth_node.metadata import METADATA_KEY, ModelMetadata, error_summary
 from distill.data import read_depth_png
 from distill.errors import UserError, did_you_mean
 from distill.models.base import IMAGENET_MEAN, IMAGENET_STD, DepthModel, DepthOutput, OutputKind
+from distill.parsing import parse_size
 
 SCHEME_OPTIONS = {
     "hf": ("output_kind", "size"),
@@ -99,11 +99,9 @@ def check_options(scheme: str, options: dict[str, str], spec: str) -> None:
 
 
 def _parse_size(text: str, spec: str) -> tuple[int, int]:
-    from distill.cli import parse_size
-
     try:
         return parse_size(text)
-    except argparse.ArgumentTypeError as error:
+    except UserError as error:
         raise UserError(f"teacher spec {spec!r}: {error}") from None
 
 
