@@ -150,15 +150,14 @@ def evaluate(bench: Bench, mono_dir: Path, completion_dir: Path, beams: int) -> 
     from tqdm import tqdm
 
     from depth_node.completion import ip_basic_fill
-    from distill.checkpoint import load_model_from_checkpoint
     from distill.data import build_dataset
-    from distill.evaluate import predict_depth
+    from distill.inference import predict_depth
     from distill.kd.completion import align_to_lidar
     from distill.metrics import MetricAccumulator
-    from distill.models.completion import load_completion
+    from distill.models import load_model
 
-    mono, _ = load_model_from_checkpoint(mono_dir / "last")
-    network, config = load_completion(completion_dir / "last")
+    mono, _ = load_model(mono_dir / "last")
+    network, config = load_model(completion_dir / "last")
     section = config["kd"]["completion"]
     alignment = (section["align_method"], section["align_min_points"])
     depth_range = (network.min_depth, network.max_depth)
@@ -201,9 +200,9 @@ def latency(bench: Bench, completion_dir: Path, runs: int) -> dict[str, float | 
     from depth_node.completion import ip_basic_fill
     from depth_node.completion_engine import CompletionRunner
     from distill.export import export_onnx
-    from distill.models.completion import load_completion
+    from distill.models import load_model
 
-    network, config = load_completion(completion_dir / "last")
+    network, config = load_model(completion_dir / "last")
     onnx_path, _ = export_onnx(network, bench.root / "export", NODE_INPUT, False, 17, config)
     runner = CompletionRunner(onnx_path, threads=1)
     rgb, aligned, sparse = node_frame(bench)

@@ -228,27 +228,6 @@ def read_state(directory: Path) -> dict:
     return state
 
 
-def load_model_from_checkpoint(path: Path | str, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild a trained model from a checkpoint.
-
-    Args:
-        path: checkpoint folder, a file in it, or a run folder (its best/, else last/).
-        device: where to put the model.
-
-    Returns:
-        (model in eval mode, the run's resolved config as a dict).
-    """
-    from distill.models import build_model
-
-    directory = resolve_checkpoint(path)
-    state = read_state(directory)
-    if not state.get("model"):
-        raise UserError(f"{directory / STATE_FILE}: no model spec, cannot rebuild the model")
-    model = build_model(state["model"])
-    load_model_weights(model, directory)
-    return model.to(device).eval(), state.get("config", {})
-
-
 def load_model_weights(model: nn.Module, directory: Path) -> None:
     """Load model.safetensors of a checkpoint folder into `model` (strict)."""
     try:

@@ -221,12 +221,12 @@ class BackgroundTraining:
 
 def export(settings: DemoSettings, runs: dict[str, Path], results: dict) -> dict[str, Path]:
     """ONNX files of the teacher (for the speed comparison) and of the distilled student (the deliverable)."""
-    from distill.checkpoint import load_model_from_checkpoint
     from distill.export import export_onnx, print_usage
+    from distill.models import load_model
 
     exported = {}
     for role in ("teacher", "kd"):
-        model, config = load_model_from_checkpoint(runs[role])
+        model, config = load_model(runs[role])
         path, _ = export_onnx(model, settings.out / "export" / role, settings.size, False, 17, config)
         exported[role] = path
     print_usage([exported["kd"]])
@@ -237,16 +237,16 @@ def export(settings: DemoSettings, runs: dict[str, Path], results: dict) -> dict
 def evaluate_all(settings: DemoSettings, runs: dict[str, Path], onnx: dict[str, Path], results: dict) -> None:
     """Metrics of every model on the test split, params/GFLOPs, ONNX Runtime latency and the speed ratio."""
     from distill.bench import bench_engine, open_for_bench
-    from distill.checkpoint import load_model_from_checkpoint
     from distill.evaluate import run_eval
     from distill.metrics import format_metrics_table
+    from distill.models import load_model
     from distill.models.info import count_flops, count_parameters
 
     data, names = settings.out / "data", model_names(settings)
     models = {}
     for role, run in runs.items():
         metrics = run_eval(run, data=data, json_out=settings.out / "eval" / f"{role}.json")
-        network, _ = load_model_from_checkpoint(run)
+        network, _ = load_model(run)
         params, gflops = count_parameters(network) / 1e6, count_flops(network, settings.size)
         models[role] = {"name": names[role], "run": str(run), "metrics": metrics, "params_m": params, "gflops": gflops}
     onnx_metrics = run_eval(onnx["kd"], data=data, json_out=settings.out / "eval" / "kd_onnx.json")
@@ -304,12 +304,13 @@ def live_node(settings: DemoSettings, model: Path, results: dict) -> None:
 def kitti_frame(settings: DemoSettings, model: Path, results: dict) -> None:
     """The exported student on the real KITTI frame, scored against the official annotated ground truth."""
     from distill.data import build_dataset
-    from distill.evaluate import evaluate, onnx_predictor
+    from distill.evaluate import evaluate
+    from distill.inference import engine_predictor
 
     root = settings.kitti
     data = {"kind": "kitti", "root": str(root), "raw_root": str(root), "gt_root": str(root / "data_depth_annotated")}
     dataset = build_dataset(data, "test", augment=False)
-    predict, _ = onnx_predictor(model)
+    predict = engine_predictor(model, backend="onnxruntime")
     scores = {align: evaluate(predict, dataset, crop="garg", align=None if align == "none" else align,
                               min_depth=1e-3, max_depth=80.0, paste_full=True, progress=False)
               for align in ("none", "median")}  # fmt: skip

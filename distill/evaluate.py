@@ -15,45 +15,18 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from distill.config import Config, data_dict, load_config
 from distill.errors import UserError
+from distill.inference import open_predictor
 from distill.metrics import MetricAccumulator, format_metrics_table
-from distill.models.base import DepthModel
 
-# (B, 3, H, W) RGB in [0, 1] -> (B, 1, H, W) depth at the same resolution.
-Predictor = Callable[[torch.Tensor], torch.Tensor]
 DEFAULT_CROP = {"kitti": "garg", "bag": "garg", "nyu": "nyu"}
 
 
-@torch.no_grad()
-def predict_depth(model: DepthModel, image01: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """Depth of a batch at the batch's resolution.
-
-    Args:
-        model: a depth model (eval mode is the caller's business).
-        image01: (B, 3, H, W) RGB in [0, 1], on the model's device.
-        size: (H, W) the model runs at (bilinear resize in and out); None runs at (H, W) with replicate padding up
-            to multiples of `model.size_divisor` (cropped off again).
-
-    Returns:
-        (B, 1, H, W) float32 depth (metres for metric models).
-    """
-    height, width = image01.shape[-2:]
-    if size is not None and tuple(size) != (height, width):
-        resized = F.interpolate(image01, tuple(size), mode="bilinear", align_corners=False, antialias=True)
-        depth = model(model.normalize(resized)).depth.float()
-        return F.interpolate(depth, (height, width), mode="bilinear", align_corners=False)
-    divisor = model.size_divisor
-    pad_h, pad_w = -height % divisor, -width % divisor
-    padded = F.pad(image01, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else image01
-    return model(model.normalize(padded)).depth.float()[..., :height, :width]
-
-
 def evaluate(
-    predict: Predictor,
+    predict: Callable[[torch.Tensor], torch.Tensor],
     dataset: Dataset,
     *,
     crop: str | None,
@@ -69,7 +42,7 @@ def evaluate(
     """Metrics of a predictor over a dataset (per-image means, see `distill.metrics.MetricAccumulator`).
 
     Args:
-        predict: batch predictor, see `Predictor`.
+        predict: (B, 3, H, W) RGB in [0, 1] -> (B, 1, H, W) depth, e.g. a `distill.inference.Predictor`.
         dataset: samples per distill.data (image, depth, meta with orig_height/orig_width/crop_top/crop_left).
         crop, align: see `distill.metrics.depth_metrics` ("none" or None for neither).
         min_depth, max_depth: metres, valid ground-truth range and prediction clamp.
@@ -108,27 +81,6 @@ def paste_into_full(image: np.ndarray, meta: Mapping[str, Any]) -> np.ndarray:
     return canvas
 
 
-def model_predictor(model: DepthModel, size: tuple[int, int] | None = None) -> Predictor:
-    """`Predictor` of a torch depth model (see `predict_depth`)."""
-    return lambda images: predict_depth(model, images, size)
-
-
-def onnx_predictor(path: Path) -> tuple[Predictor, str]:
-    """`Predictor` of an exported model run by the depth_node engine (ONNX Runtime), and its output kind."""
-    from depth_node.engine import ModelLoadError, open_engine
-
-    try:
-        engine = open_engine(path, backend="onnxruntime")
-    except ModelLoadError as error:
-        raise UserError(str(error)) from None
-
-    def predict(images: torch.Tensor) -> torch.Tensor:
-        rgb = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        return torch.stack([torch.from_numpy(engine.infer(np.ascontiguousarray(x)).depth)[None] for x in rgb])
-
-    return predict, engine.metadata.output_kind
-
-
 def data_config(data: str | Path) -> Config:
     """The config whose data section `--data` means: a config YAML, or a dataset folder (KITTI layout / synth)."""
     path = Path(data)
@@ -164,14 +116,8 @@ def run_eval(
     crop = crop or config.eval.crop or DEFAULT_CROP[config.data.kind]
     align = align or config.eval.align
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(checkpoint).endswith(".onnx"):
-        predict, output_kind = onnx_predictor(Path(checkpoint))
-    else:
-        from distill.checkpoint import load_model_from_checkpoint
-
-        model, trained = load_model_from_checkpoint(checkpoint, device)
-        size = trained.get("data", {}).get("size")
-        predict, output_kind = model_predictor(model, tuple(size) if size else None), model.output_kind
+    predict = open_predictor(checkpoint, device, backend="onnxruntime")
+    output_kind = predict.output_kind
     if output_kind != "metric" and align == "none":
         print(f"note: {checkpoint} predicts {output_kind}; metrics without --align median|lsq are not in metres")
     dataset = build_dataset(data_dict(config), config.data.test_split, augment=False)

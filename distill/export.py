@@ -28,6 +28,7 @@ import distill
 from depth_node.engine import plan_input, preprocess
 from depth_node.metadata import METADATA_KEY, ModelLoadError, ModelMetadata, read_onnx_metadata
 from distill.errors import UserError
+from distill.models import load_model
 
 FORMATS = ("onnx", "engine")
 PARITY_TOLERANCE = 1e-3
@@ -121,20 +122,13 @@ def load_for_export(args: argparse.Namespace) -> tuple[nn.Module, dict]:
             raise UserError("--random-init needs --arch NAME (a student architecture, e.g. efficientnet_b0)")
         if args.checkpoint is not None:
             raise UserError(f"give either a checkpoint ({args.checkpoint}) or --random-init, not both")
-        from distill.models import build_student
-
-        model = build_student(args.arch)
-        return model.eval(), {"arch": args.arch, "random_init": True}
+        model, _ = load_model(args.arch)
+        return model, {"arch": args.arch, "random_init": True}
     if args.checkpoint is None:
         raise UserError("give a CHECKPOINT folder to export (or --arch NAME --random-init for an untrained student)")
     if not Path(args.checkpoint).exists():
         raise UserError(f"checkpoint not found: {args.checkpoint}")
-    from distill.checkpoint import load_model_from_checkpoint
-    from distill.models.completion import is_completion_checkpoint, load_completion
-
-    load = load_completion if is_completion_checkpoint(args.checkpoint) else load_model_from_checkpoint
-    model, config = load(args.checkpoint)
-    return model.eval(), config
+    return load_model(Path(args.checkpoint))
 
 
 def model_arch(model: nn.Module, config: dict) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from depth_node.geometry import backproject
+from distill.inference import open_predictor
 from distill.viz import (
     bag_frames,
     colorize_depth,
@@ -24,7 +25,6 @@ from distill.viz import (
     display_range,
     grid_footprint,
     labelled,
-    load_predictor,
     mosaic,
     render_cloud,
     write_png,
@@ -45,7 +45,7 @@ def test_pictures(settings, runs: dict[str, Path], names: dict[str, str], folder
     data = {"kind": "kitti", "root": str(settings.out / "data")}
     dataset = build_dataset(data, "test", augment=False)
     indices = np.linspace(0, len(dataset) - 1, min(settings.pictures, len(dataset))).round().astype(int)
-    predictors = {role: load_predictor(runs[role]) for role in ROLES}
+    predictors = {role: open_predictor(runs[role]) for role in ROLES}
     depth_columns, error_columns = [], []
     for index in indices:
         sample = dataset[int(index)]
@@ -122,7 +122,7 @@ def kitti_picture(kitti: Path, model: Path, folder: Path) -> Path:
     data = {"kind": "kitti", "root": str(kitti), "raw_root": str(kitti), "gt_root": str(kitti / "data_depth_annotated")}
     sample = build_dataset(data, "test", augment=False)[0]
     rgb, gt = _rgb(sample), sample["depth"][0].numpy()
-    depth = load_predictor(model).predict(rgb)
+    depth = open_predictor(model).predict(rgb)
     vmin, vmax = display_range(gt)
     tiles = [labelled(rgb, "KITTI 2011_09_26_drive_0001 image_02 0000000005", 24),
              labelled(colorize_depth(depth, vmin, vmax), f"{model.name} (trained on synthetic data only)", 24),

@@ -106,11 +106,8 @@ def _seed_everything(seed: int) -> None:
 
 
 def build_model_from_config(config: Config):
-    """The model `model:` describes (student or teacher), with `model.weights` loaded when set."""
-    from distill.checkpoint import STATE_FILE, load_model_weights, resolve_checkpoint
-    from distill.data.kitti import KB_CROP
-    from distill.models import build_student, build_teacher
-    from distill.models.weights import load_weights
+    """The model `model:` describes (student or teacher, in train mode), with `model.weights` loaded when set."""
+    from distill.models import load_model
 
     spec = config.model
     common = {"min_depth": spec.min_depth, "max_depth": spec.max_depth, "bins": spec.bins,
@@ -118,16 +115,10 @@ def build_model_from_config(config: Config):
     if spec.encoder_weights is not None:
         common["encoder_weights"] = spec.encoder_weights
     if spec.kind == "student":
-        model = build_student(spec.arch, lgconv=spec.lgconv, **common)
-    else:
-        # Built for the training size; with data.size null, KITTI's KB crop (timm teachers take any size anyway).
-        model = build_teacher(spec.spec, img_size=config.data.size or KB_CROP, **common)
-    if spec.weights is not None:
-        if spec.weights.is_dir() or spec.weights.name == STATE_FILE:
-            load_model_weights(model, resolve_checkpoint(spec.weights))
-        else:
-            load_weights(model, spec.weights)
-    return model
+        loaded = load_model(spec.arch, weights=spec.weights, lgconv=spec.lgconv, **common)
+    else:  # built for the training size (data.size; null: KITTI's KB crop); timm teachers take any size anyway
+        loaded = load_model(spec.spec, weights=spec.weights, img_size=config.data.size, **common)
+    return loaded.model.train()
 
 
 def _train_loader(config: Config):
@@ -156,7 +147,8 @@ def _train_loader(config: Config):
 def _validator(config: Config, device):
     """Callable(model) -> validation metrics, or None when the config has no validation split."""
     from distill.data import build_dataset
-    from distill.evaluate import DEFAULT_CROP, evaluate, model_predictor
+    from distill.evaluate import DEFAULT_CROP, evaluate
+    from distill.inference import model_predictor
 
     if config.data.val_split is None:
         return None

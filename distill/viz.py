@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
 from depth_node.geometry import backproject, project_points
 from distill.errors import UserError
+
+if TYPE_CHECKING:
+    from distill.inference import Predictor
 
 COLORMAPS = {
     "turbo": cv2.COLORMAP_TURBO,
@@ -260,44 +264,6 @@ def intrinsics_from_fov(height: int, width: int, hfov_deg: float) -> np.ndarray:
 # --- models ----------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class DepthPredictor:
-    """A model behind one call: predict((H, W, 3) uint8 RGB) -> (H, W) float32 depth (metres if metric)."""
-
-    name: str
-    predict: Callable[[np.ndarray], np.ndarray]
-    output_kind: str
-
-
-def load_predictor(model: Path | str) -> DepthPredictor:
-    """An exported model (.onnx / TensorRT engine, run by depth_node.engine) or a checkpoint/run folder (PyTorch)."""
-    path = Path(model)
-    if not path.exists():
-        raise UserError(f"model not found: {path}")
-    if path.is_file() and path.suffix.lower() in (".onnx", ".engine", ".plan", ".trt"):
-        from depth_node.engine import ModelLoadError, open_engine
-
-        try:
-            engine = open_engine(path)
-        except ModelLoadError as error:
-            raise UserError(str(error)) from None
-        return DepthPredictor(path.name, lambda rgb: engine.infer(rgb).depth, engine.metadata.output_kind)
-    import torch
-
-    from distill.checkpoint import load_model_from_checkpoint
-    from distill.evaluate import predict_depth
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    network, config = load_model_from_checkpoint(path, device)
-    size = (config.get("data") or {}).get("size")
-
-    def predict(rgb: np.ndarray) -> np.ndarray:
-        image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float().div(255).to(device)
-        return predict_depth(network, image, tuple(size) if size else None)[0, 0].cpu().numpy()
-
-    return DepthPredictor(path.name, predict, network.output_kind)
-
-
 # --- `distill viz` ---------------------------------------------------------------------------------------------------
 
 
@@ -330,7 +296,7 @@ def source_kind(source: Path) -> str:
     return "dataset"
 
 
-def image_frames(paths: list[Path], predictor: DepthPredictor, hfov_deg: float) -> Iterator[VizFrame]:
+def image_frames(paths: list[Path], predictor: Predictor, hfov_deg: float) -> Iterator[VizFrame]:
     from distill.data import read_rgb
 
     for path in paths:
@@ -339,7 +305,7 @@ def image_frames(paths: list[Path], predictor: DepthPredictor, hfov_deg: float) 
         yield VizFrame(path.stem, rgb, predictor.predict(rgb), projection)
 
 
-def dataset_frames(source: Path, predictor: DepthPredictor) -> Iterator[VizFrame]:
+def dataset_frames(source: Path, predictor: Predictor) -> Iterator[VizFrame]:
     """Test-split frames of a dataset with their ground truth and intrinsics."""
     from distill.config import data_dict
     from distill.data import build_dataset
@@ -431,7 +397,9 @@ def run_viz(args: argparse.Namespace) -> list[Path]:
     else:
         if args.model is None:
             raise UserError(f"viz: --model is needed to draw depth for {source} (an .onnx or a checkpoint folder)")
-        predictor = load_predictor(args.model)
+        from distill.inference import open_predictor
+
+        predictor = open_predictor(args.model)
         if kind == "dataset":
             frames = dataset_frames(source, predictor)
         else:

@@ -11,7 +11,7 @@ import torch
 
 from distill import checkpoint as ckpt
 from distill.errors import UserError
-from distill.models import build_student
+from distill.models import build_student, load_model
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_round_trip_rebuilds_the_model_and_its_optimizer(tmp_path, student):
     state = json.loads((directory / ckpt.STATE_FILE).read_text())
     assert state["step"] == 3 and state["model"] == student.spec
 
-    model, config = ckpt.load_model_from_checkpoint(tmp_path / "run")  # a run folder resolves to last/
+    model, config = load_model(tmp_path / "run")  # a run folder resolves to last/
     image = torch.rand(1, 3, 32, 64)
     with torch.no_grad():
         torch.testing.assert_close(model(image).depth, student(image).depth, rtol=0, atol=0)
@@ -84,10 +84,10 @@ def test_corrupt_files_are_user_errors(tmp_path, student):
     directory = ckpt.save_checkpoint(tmp_path / "last", student, {"step": 1})
     (directory / ckpt.MODEL_FILE).write_bytes(b"\x00" * 32)
     with pytest.raises(UserError, match=ckpt.MODEL_FILE):
-        ckpt.load_model_from_checkpoint(directory)
+        load_model(directory)
     (directory / ckpt.STATE_FILE).write_text("{not json")
     with pytest.raises(UserError, match="unreadable checkpoint state"):
-        ckpt.load_model_from_checkpoint(directory)
+        load_model(directory)
 
 
 def test_weights_of_another_architecture_are_refused(tmp_path, student):

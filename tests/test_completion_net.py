@@ -352,8 +352,8 @@ def test_real_kitti_frame_lidar_aligned_depth_beats_the_unaligned_model(quick_be
     from depth_node.conversions import camera_info_to_P, image_to_numpy, to_rgb
     from depth_node.engine import open_engine
     from depth_node.geometry import pointcloud2_to_xyz, transform_to_matrix
-    from distill.checkpoint import load_model_from_checkpoint
     from distill.export import export_onnx
+    from distill.models import load_model
 
     camera = "/kitti/camera_color_left"
     bag = read_kitti_bag(shared_data / "kitti_rosbag2_sample" / "kitti_0001_f5_mcap")
@@ -365,7 +365,7 @@ def test_real_kitti_frame_lidar_aligned_depth_beats_the_unaligned_model(quick_be
     sparse = project_lidar(scan, camera_from_lidar, projection, *rgb.shape[:2])
 
     (mono_run,) = quick_bench.glob("*/mono")
-    mono, config = load_model_from_checkpoint(mono_run / "last")
+    mono, config = load_model(mono_run / "last")
     mono_path, _ = export_onnx(mono, tmp_path, (64, 192), False, 17, config)
     raw = open_engine(mono_path, backend="onnxruntime-cpu").infer(rgb).depth
     fit = align_depth(raw, sparse, space="depth")

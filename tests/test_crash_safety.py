@@ -27,6 +27,7 @@ from distill import checkpoint as ckpt
 from distill.cli import main
 from distill.config import load_config
 from distill.errors import UserError
+from distill.models import load_model
 from distill.trainer import NonFiniteLossError, Trainer, build_method
 
 # Saves checkpoints step, step + 1, ... forever: weights and method tensors all equal to the step they belong to.
@@ -115,7 +116,7 @@ def test_incomplete_or_corrupt_checkpoints_are_skipped_with_a_warning(tmp_path, 
     data[len(data) // 2] ^= 0xFF  # one flipped bit in the weights, same size
     model.write_bytes(bytes(data))
     with pytest.raises(UserError, match=f"no complete checkpoint at {tmp_path}.*{ckpt.MODEL_FILE}: contents differ"):
-        ckpt.load_model_from_checkpoint(tmp_path)
+        load_model(tmp_path)
     model.write_bytes(bytes(data[:-100]))
     with pytest.raises(UserError, match=r"bytes where state.json lists \d+ \(truncated\?\)"):
         ckpt.resolve_checkpoint(tmp_path / "last")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 
-from distill.checkpoint import load_model_from_checkpoint, read_state, save_checkpoint
+from distill.checkpoint import read_state, save_checkpoint
 from distill.config import load_config
 from distill.data.sampling import ResumableSampler, SeededDataset
 from distill.data.synth import write_world
@@ -30,7 +30,7 @@ from distill.kd.disdepth import (
     kd_weights,
     rms_normalize,
 )
-from distill.models import build_student, build_teacher
+from distill.models import build_student, build_teacher, load_model
 from distill.train import run_training
 from distill.trainer import Trainer
 
@@ -269,7 +269,7 @@ def test_disdepth_trains_end_to_end_and_checkpoints_fam_and_lam(tmp_path, synth_
     tensors = load_file(run_dir / "last" / "method.safetensors")
     assert any(k.startswith("fams.") for k in tensors) and any(k.startswith("lams.") for k in tensors)
     assert not any(k.startswith(("ghost.", "teacher.")) for k in tensors)
-    student, _ = load_model_from_checkpoint(run_dir / "last")
+    student, _ = load_model(run_dir / "last")
     assert student.spec["kind"] == "student"
     resumed = run_training(path, ["run.resume=true", "train.steps=6"])  # FAM/LAM come back from method.safetensors
     assert resumed == run_dir

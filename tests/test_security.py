@@ -21,6 +21,7 @@ from distill import checkpoint as ckpt
 from distill.cli import main
 from distill.config import load_config
 from distill.errors import UserError
+from distill.models import load_model
 from distill.train import run_training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -188,7 +189,7 @@ def test_checkpoints_are_never_unpickled_when_evaluated_or_resumed(tmp_path, syn
         run_training(exp, ["resume=true", "train.steps=2"])
     plant_pickle(run_dir / "last", ckpt.MODEL_FILE, marker)
     with pytest.raises(UserError, match=f"{ckpt.MODEL_FILE}: cannot load it into the model"):
-        ckpt.load_model_from_checkpoint(run_dir)
+        load_model(run_dir)
     assert not marker.exists()
 
 

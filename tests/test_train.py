@@ -17,11 +17,11 @@ import pytest
 import torch
 import yaml
 
-from distill.checkpoint import load_model_from_checkpoint, read_state, resolve_checkpoint
+from distill.checkpoint import read_state, resolve_checkpoint
 from distill.config import load_config
 from distill.data.sampling import ResumableSampler, SeededDataset
 from distill.errors import UserError
-from distill.models import build_student
+from distill.models import build_student, load_model
 from distill.models.base import DepthOutput
 from distill.train import run_training
 from distill.trainer import SupervisedMethod, lr_at
@@ -120,7 +120,7 @@ def test_student_training_lowers_the_loss_and_leaves_a_complete_run(tmp_path, sy
     assert load_config(run_dir / "config.yaml").train.steps == 12  # the resolved config, re-loadable
     state = read_state(run_dir / "last")
     assert state["step"] == 12 and state["lr"] == pytest.approx(1e-4) and state["model"]["arch"] == "resnet18"
-    model, config = load_model_from_checkpoint(run_dir)
+    model, config = load_model(run_dir)
     assert config["model"]["decoder_width"] == 16 and model.spec == state["model"]
     assert read_state(run_dir / "best")["progress"]["best_step"] in (6, 12)
 

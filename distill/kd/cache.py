@@ -54,7 +54,7 @@ def read_features(folder: Path, name: str) -> list[torch.Tensor]:
 @torch.no_grad()
 def teacher_outputs(teacher: DepthModel, image01: torch.Tensor, features: bool) -> DepthOutput:
     """The teacher's output on a (B, 3, H, W) [0, 1] batch; depth (B, 1, H, W) float32 at the batch's size."""
-    from distill.evaluate import predict_depth
+    from distill.inference import predict_depth
 
     if not features:
         return DepthOutput(depth=predict_depth(teacher, image01))

@@ -48,27 +48,24 @@ def load_teacher(config: Config, device: torch.device) -> DepthModel:
     - `teacher.spec` + a weights file (.safetensors/.pth): the spec built with the default head (256 bins, width
       128, stride 4) over the data's depth range, then the file loaded strictly.
     """
-    from distill.checkpoint import STATE_FILE, load_model_from_checkpoint
-    from distill.data.kitti import KB_CROP
-    from distill.models import build_teacher
-    from distill.models.weights import load_weights
+    from distill.checkpoint import STATE_FILE
+    from distill.models import load_model
 
     spec, weights = config.teacher.spec, config.teacher.weights
     if spec is None and weights is None:
         raise UserError(f"kd.method={config.kd.method} needs a teacher: set teacher.weights or teacher.spec")
     if weights is not None and (weights.is_dir() or weights.name == STATE_FILE):
-        teacher, _ = load_model_from_checkpoint(weights, device)
+        teacher, _ = load_model(weights, device=device)
         saved = teacher.spec.get("spec") or teacher.spec.get("arch")
         if spec is not None and spec != saved:
             raise UserError(f"teacher.spec {spec!r} disagrees with the checkpoint {weights} ({saved!r}); unset one")
     elif spec is None:
         raise UserError(f"teacher.weights {weights} is a weights file: also set teacher.spec (its architecture)")
-    else:
-        size = config.data.size or KB_CROP  # trainable teachers adapt to any size (dynamic_img_size)
-        teacher = build_teacher(spec, img_size=size, min_depth=config.data.min_depth, max_depth=config.data.max_depth)
-        if weights is not None:
-            load_weights(teacher, weights)
-        elif spec.startswith(RANDOM_INIT_PREFIXES):
+    else:  # trainable teachers adapt to any size (dynamic_img_size)
+        data = config.data
+        teacher, _ = load_model(spec, weights=weights, img_size=data.size, min_depth=data.min_depth,
+                                max_depth=data.max_depth)  # fmt: skip
+        if weights is None and spec.startswith(RANDOM_INIT_PREFIXES):
             tqdm.write(f"teacher: {spec} is random-init (teacher.weights is null); it has nothing to teach")
     teacher = teacher.to(device).eval()
     teacher.requires_grad_(False)
@@ -184,7 +181,7 @@ class DistillMethod(SupervisedMethod):
 
         Cached maps of horizontally flipped samples (meta "hflip", set by the training transform) are flipped too.
         """
-        from distill.evaluate import predict_depth
+        from distill.inference import predict_depth
 
         image = batch["image"]
         if is_precomputed(self.teacher):

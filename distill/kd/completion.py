@@ -102,7 +102,7 @@ class CompletionMethod(Method):
     @torch.no_grad()
     def aligned_depth(self, batch: Batch) -> torch.Tensor:
         """(B, 1, H, W) metres: stage 1 then stage 2 on every image of the batch."""
-        from distill.evaluate import predict_depth
+        from distill.inference import predict_depth
 
         pred = predict_depth(self.mono, batch["image"]).float().cpu().numpy()
         sparse = batch["sparse_depth"].float().cpu().numpy()

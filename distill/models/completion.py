@@ -27,7 +27,6 @@ Exported (distill.export) as a graph taking `image` (B, 3, H, W) normalised RGB,
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -175,26 +174,3 @@ def build_completion(spec: dict[str, Any]) -> CompletionNet:
         return CompletionNet(**params)
     except TypeError as error:
         raise UserError(f"completion network spec {spec}: {error}") from None
-
-
-def is_completion_checkpoint(path: Path | str) -> bool:
-    """Whether a checkpoint (folder, file in it, or run folder) holds a completion network."""
-    from distill.checkpoint import read_state, resolve_checkpoint
-
-    spec = read_state(resolve_checkpoint(path)).get("model")
-    return isinstance(spec, dict) and spec.get("kind") == KIND
-
-
-def load_completion(path: Path | str, device: str | torch.device = "cpu") -> tuple[CompletionNet, dict]:
-    """A trained completion network (eval mode) and its run's resolved config, from a `distill train` checkpoint
-    (folder, file in it, or run folder)."""
-    from distill.checkpoint import load_model_weights, read_state, resolve_checkpoint
-
-    directory = resolve_checkpoint(path)
-    state = read_state(directory)
-    spec = state.get("model")
-    if not isinstance(spec, dict) or spec.get("kind") != KIND:
-        raise UserError(f"{directory}: not a completion network checkpoint (its model spec is {spec})")
-    model = build_completion(spec)
-    load_model_weights(model, directory)
-    return model.to(device).eval(), state.get("config", {})

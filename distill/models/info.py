@@ -7,16 +7,12 @@ FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` over one forward
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from distill.errors import UserError
-
-TEACHER_SPEC = re.compile(r"^[a-z_]+:")  # "timm:...", "hybrid:...", "hf:<folder>", "onnx:<file>", ...
+from distill.models.loading import load_model
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -59,22 +55,8 @@ def model_parts(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def resolve_model(spec: str, size: tuple[int, int]) -> nn.Module:
-    """Build what `distill info` was given: a teacher spec, a checkpoint path or a student arch name."""
-    if TEACHER_SPEC.match(spec):
-        from distill.models import build_teacher
-
-        return build_teacher(spec, img_size=size)
-    if Path(spec).exists():
-        try:
-            from distill.checkpoint import load_model_from_checkpoint
-        except ImportError:
-            raise UserError(f"{spec}: reading checkpoints is not available in this installation") from None
-        return load_model_from_checkpoint(spec)[0]
-    if "/" in spec or Path(spec).suffix:
-        raise UserError(f"{spec}: no such checkpoint file or folder")
-    from distill.models import build_student
-
-    return build_student(spec)
+    """Build what `distill info` was given: a teacher spec (built for `size`), a checkpoint path or a student arch."""
+    return load_model(spec, img_size=size).model
 
 
 def info_table(model: nn.Module, size: tuple[int, int]) -> list[tuple[str, float, float | None]]:
