@@ -1,4 +1,5 @@
-"""Two-stage depth completion on the synthetic world (methods.md §7): what each stage adds, and what it costs.
+"""Two-stage depth completion on the synthetic world (the two-stage completion of Gao et al., "Robust Lightweight
+Depth Estimation Model via Data-Free Distillation"): what each stage adds, and what it costs.
 
 Rows, on the held-out test split with a 64-beam and a 16-beam LiDAR (the synthetic HDL-64E thinned by rings):
     lidar_fill    the classical IP-Basic fill of the LiDAR points alone (`depth_node.completion.ip_basic_fill`)
@@ -6,7 +7,7 @@ Rows, on the held-out test split with a 64-beam and a 16-beam LiDAR (the synthet
     mono_aligned  the mono student robustly aligned to the LiDAR (stage 2, `align_depth`, as the node does)
     two_stage     the completion network on image + aligned depth + sparse LiDAR (stage 3)
 Both networks train through `distill.train.run_training` (config/student-effb0.yaml, then config/completion-effb0.yaml
-with 64/32/16 beams drawn per sample) at the world's own size; the scores are the KITTI metrics (methods.md §8) over
+with 64/32/16 beams drawn per sample) at the world's own size; the scores are the KITTI metrics (`distill.metrics`) over
 the ground-truth pixels in (1e-3, 80) m of two regions (REGIONS): the KITTI protocol's Garg crop, and the full frame
 (where the completion must also fill the rows above the LiDAR's top beam).
 Latency: the completion network exported at 176x608 behind `depth_node.completion.CompletionRunner`, on a
@@ -40,7 +41,7 @@ import numpy as np
 RESULTS = Path(__file__).resolve().parent / "results" / "completion.json"
 CONFIGS = Path(__file__).resolve().parents[1] / "config"
 ROWS = ("lidar_fill", "mono", "mono_aligned", "two_stage")
-# Scored regions (crop of distill.metrics.crop_mask): "kitti" is the KITTI protocol of methods.md §8 (Garg crop,
+# Scored regions (crop of distill.metrics.crop_mask): "kitti" is the KITTI protocol of `distill.metrics` (Garg crop,
 # which also keeps roughly the rows a 64-beam LiDAR covers, where KITTI's own completion ground truth exists); "full"
 # is every pixel, including the sky-side rows above the top beam that only the image can fill.
 REGIONS = {"kitti": "garg", "full": None}
@@ -62,7 +63,7 @@ class Setting:
     completion_widths: tuple[int, ...]
     completion_steps: int
     completion_lr: float
-    completion_lidar_gate: bool  # kd.completion.lidar_gate
+    completion_lidar_gate: bool  # completion.lidar_gate
     batch: int
     latency_runs: int
 
@@ -128,8 +129,8 @@ class Bench:
         mono = self.train("mono", "student-effb0.yaml", self.common(s.mono_steps, s.mono_lr))
         widths = json.dumps(list(s.completion_widths))
         overrides = [*self.common(s.completion_steps, s.completion_lr), f"model.weights={mono / 'last'}",
-                     "data.lidar_beams=[64, 32, 16]", f"kd.completion.widths={widths}",
-                     f"kd.completion.lidar_gate={str(s.completion_lidar_gate).lower()}"]  # fmt: skip
+                     "data.lidar_beams=[64, 32, 16]", f"completion.widths={widths}",
+                     f"completion.lidar_gate={str(s.completion_lidar_gate).lower()}"]  # fmt: skip
         return mono, self.train("completion", "completion-effb0.yaml", overrides)
 
 
@@ -150,15 +151,15 @@ def evaluate(bench: Bench, mono_dir: Path, completion_dir: Path, beams: int) -> 
     from tqdm import tqdm
 
     from depth_node.completion import ip_basic_fill
+    from distill.completion.training import align_to_lidar
     from distill.data import build_dataset
     from distill.inference import predict_depth
-    from distill.kd.completion import align_to_lidar
     from distill.metrics import MetricAccumulator
     from distill.models import load_model
 
     mono, _ = load_model(mono_dir / "last")
     network, config = load_model(completion_dir / "last")
-    section = config["kd"]["completion"]
+    section = config["completion"]
     alignment = (section["align_method"], section["align_min_points"])
     depth_range = (network.min_depth, network.max_depth)
     dataset = build_dataset({"kind": "kitti", "root": bench.world, "lidar_beams": beams}, "test", augment=False)

@@ -45,7 +45,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from distill.export import run_export
 
-    run_export(args)
+    run_export(
+        args.checkpoint, out=args.out, formats=args.format, size=args.size, dynamic=args.dynamic, fp16=args.fp16,
+        int8=args.int8, calib=args.calib, opset=args.opset, arch=args.arch, random_init=args.random_init,
+    )  # fmt: skip
     return 0
 
 
@@ -66,7 +69,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_viz(args: argparse.Namespace) -> int:
     from distill.viz import run_viz
 
-    run_viz(args)
+    run_viz(
+        args.source, model=args.model, out=args.out, max_frames=args.max_frames, colormap=args.colormap,
+        depth_topic=args.depth_topic, image_topic=args.image_topic, hfov=args.hfov, points_stride=args.points_stride,
+    )  # fmt: skip
     return 0
 
 

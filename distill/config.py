@@ -4,11 +4,8 @@
 the types and reject unknown keys with a close-match suggestion. Every mistake becomes a one-line `UserError`
 naming the dotted key (`train.stpes: unknown key, did you mean train.steps?`).
 
-Adding a distillation method `foo`:
-    1. write `class FooKD(Section)` with its typed fields below and add `foo: FooKD | None = None` to `KDConfig`;
-    2. add a commented `foo:` block under `kd:` in config/default.yaml (its defaults);
-    3. implement `distill/kd/foo.py` with `build_method(cfg, student, device) -> distill.trainer.Method`.
-    `kd.method: foo` then selects it; `kd.method` accepts "none" and every field name of `KDConfig`.
+The `kd:` section is the exception: each distillation method declares the schema (and defaults) of its own
+`kd.<name>:` block in its file, and `distill.kd.registry.resolve_kd` types those blocks when a run is built.
 """
 
 from __future__ import annotations
@@ -16,10 +13,10 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from distill.errors import UserError, did_you_mean
 
@@ -32,8 +29,12 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+SectionT = TypeVar("SectionT", bound=BaseModel)
+
+
 class RunConfig(Section):
     name: str
+    task: Literal["depth", "completion"]
     out_dir: Path
     seed: int
     device: Literal["auto", "cpu", "cuda"]
@@ -105,65 +106,17 @@ class TrainConfig(Section):
         return self
 
 
-class DisDepthKD(Section):
-    """`kd.disdepth`: DisDepth cross-architecture KD (distill/kd/disdepth.py, methods.md §3)."""
+class KDConfig(Section):
+    """`method` names the distillation method ("none": supervised training); every other key is one method's
+    section, typed by that method's own settings schema (`distill.kd.registry.resolve_kd`)."""
 
-    weight: float
-    warmup_fraction: float
-    fam: bool
-    lam: bool
-    ghost_weight: float
-    fam_head_dim: int
-    lam_dim: int
-    normalize: bool
+    model_config = ConfigDict(extra="allow")
 
-    @model_validator(mode="after")
-    def _lam_needs_fam(self) -> DisDepthKD:
-        if self.lam and not self.fam:
-            raise ValueError("lam: true needs fam: true (the LAM is trained through the ghost decoder)")
-        if not 0 <= self.warmup_fraction < 1:
-            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
-        return self
+    method: str
 
 
-class TIEKD(Section):
-    """`kd.tiekd`: TIE-KD through Depth Probability Maps (distill/kd/tiekd.py, methods.md §4)."""
-
-    sigma: Annotated[float, Field(gt=0)]
-    alpha: Annotated[float, Field(ge=0, le=1)]
-    weight: Annotated[float, Field(ge=0)]
-    ignore_top: Annotated[float, Field(ge=0, lt=1)]
-    align_to: Literal["student", "gt"]
-
-
-class ResponseKD(Section):
-    """`kd.response`: response-KD baselines (distill/kd/response.py, methods.md §6)."""
-
-    loss: Literal["ssim", "mse", "si", "ssim_si", "ssim_mse"]
-    gt_weight: Annotated[float, Field(ge=0)]
-    ignore_top: Annotated[float, Field(ge=0, lt=1)]
-    align_to: Literal["student", "gt"]
-
-
-class GTFillKD(Section):
-    """`kd.gtfill`: ground truth densified by the teacher's depth (distill/kd/gtfill.py, methods.md §6)."""
-
-    ignore_top: Annotated[float, Field(ge=0, lt=1)]
-
-
-class LabelFreeKD(Section):
-    """`kd.labelfree`: label-free channel-wise + geometric KD (distill/kd/labelfree.py, methods.md §5)."""
-
-    tau: Annotated[float, Field(gt=0)]
-    channel_weight: Annotated[float, Field(ge=0)]
-    geometric_weight: Annotated[float, Field(ge=0)]
-    points: Annotated[int, Field(ge=1)]
-    pointnet_weights: Path | None
-    pointnet_seed: int
-
-
-class CompletionKD(Section):
-    """`kd.completion`: two-stage completion network on top of the frozen `model:` (distill/kd/completion.py, §7)."""
+class CompletionSettings(Section):
+    """`completion:`: the network `run.task: completion` trains on top of the frozen `model:` (distill/completion/)."""
 
     widths: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=2)]
     output_stride: Literal[1, 2]
@@ -173,26 +126,6 @@ class CompletionKD(Section):
     log_l1_weight: Annotated[float, Field(ge=0)]
     align_method: Literal["huber", "ransac"]
     align_min_points: Annotated[int, Field(ge=2)]
-
-
-class KDConfig(Section):
-    """`method` names the distillation method; each method adds its own typed sub-section as a field here."""
-
-    method: str
-    disdepth: DisDepthKD | None = None
-    tiekd: TIEKD | None = None
-    response: ResponseKD | None = None
-    gtfill: GTFillKD | None = None
-    labelfree: LabelFreeKD | None = None
-    completion: CompletionKD | None = None
-
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, method: str) -> str:
-        choices = ["none", *(name for name in cls.model_fields if name != "method")]
-        if method not in choices:
-            raise ValueError(f"unknown method {method!r}{did_you_mean(method, choices)}; choices: {', '.join(choices)}")
-        return method
 
 
 class TeacherConfig(Section):
@@ -211,6 +144,7 @@ class Config(Section):
     model: ModelConfig
     train: TrainConfig
     kd: KDConfig
+    completion: CompletionSettings
     teacher: TeacherConfig
     eval: EvalConfig
 
@@ -291,18 +225,28 @@ def parse_override(text: str, current: Mapping) -> dict:
 
 def validate(raw: Mapping) -> Config:
     """Type-check a merged config dict; all problems reported on one line, each naming its dotted key."""
+    return validate_section(Config, raw, "")
+
+
+def validate_section(model: type[SectionT], raw: Any, key: str) -> SectionT:
+    """`model` validated from `raw`, every problem on one line as `dotted.key: problem` (keys below `key`).
+
+    Raises:
+        UserError: "config: " and the problems, each naming its dotted key (unknown keys with a close match).
+    """
     try:
-        return Config.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as error:
-        raise UserError("config: " + "; ".join(_describe(item) for item in error.errors())) from None
+        raise UserError("config: " + "; ".join(_describe(item, model, key) for item in error.errors())) from None
 
 
-def _describe(item: Mapping[str, Any]) -> str:
-    """One pydantic error as `dotted.key: problem`."""
+def _describe(item: Mapping[str, Any], root: type[BaseModel], prefix: str) -> str:
+    """One pydantic error of validating `root` (found at dotted key `prefix`) as `dotted.key: problem`."""
     loc = [str(part) for part in item["loc"] if not isinstance(part, int)]
-    key = ".".join(loc)
+    base = [prefix] if prefix else []
+    key = ".".join(base + loc)
     if item["type"] == "extra_forbidden":
-        choices = [".".join([*loc[:-1], name]) for name in _fields_at(loc[:-1])]
+        choices = [".".join([*base, *loc[:-1], name]) for name in _fields_at(root, loc[:-1])]
         return f"{key}: unknown key{did_you_mean(key, choices)}"
     message = item["msg"].removeprefix("Value error, ")
     if item["type"] == "missing":
@@ -312,9 +256,9 @@ def _describe(item: Mapping[str, Any]) -> str:
     return f"{key}: {message}{shown}" if key else message
 
 
-def _fields_at(loc: Sequence[str]) -> list[str]:
-    """Field names of the section model at a path of field names (Config itself for [])."""
-    model: type[BaseModel] = Config
+def _fields_at(root: type[BaseModel], loc: Sequence[str]) -> list[str]:
+    """Field names of the section model at a path of field names below `root` (`root` itself for [])."""
+    model = root
     for name in loc:
         field = model.model_fields.get(name)
         if field is None:

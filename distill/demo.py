@@ -143,10 +143,11 @@ def set_threads(requested: int) -> int:
 def check_method(method: str) -> None:
     """Fail in a second, not after the teacher has trained, when $METHOD names no distillation method."""
     from distill.config import load_config
+    from distill.kd.registry import resolve_kd
 
     if method == "none":
         raise UserError("METHOD=none trains no distilled student; choose a distillation method, e.g. disdepth")
-    load_config(None, [f"kd.method={method}"], check_paths=False)
+    resolve_kd(load_config(None, [f"kd.method={method}"], check_paths=False))
 
 
 def make_world(settings: DemoSettings, results: dict) -> Path:
@@ -366,7 +367,8 @@ def run_demo(settings: DemoSettings) -> dict:
     with stages.run("report"):
         results.update(stages=stages.durations, load_average_end=os.getloadavg())
         results["total_s"] = time.perf_counter() - started
-        report = write_report(settings, runs, results)
+        report = write_report(settings, runs, results, names=model_names(settings), image_topic=IMAGE_TOPIC,
+                              camera_info_topic=CAMERA_INFO_TOPIC)  # fmt: skip
     print(f"\ndemo done in {results['total_s'] / 60:.1f} min: {report}")
     return results
 

@@ -1,9 +1,9 @@
-"""`distill eval`: the KITTI/NYU protocol (methods.md §8) on a checkpoint or an exported ONNX model.
+"""`distill eval`: the KITTI Eigen-split / NYU protocol (`distill.metrics`) on a checkpoint or an exported ONNX model.
 
-Order of operations per frame: the model predicts at its training size (a checkpoint's data.size, else the image's
-size padded up to a multiple of its size divisor), the prediction is resized bilinearly to the ground truth's size;
-on native-size KB-cropped frames prediction and ground truth are then pasted into the full-size canvas (zeros
-elsewhere) before the Garg/Eigen crop, as methods.md §8 asks; `distill.metrics` masks, aligns, clamps and averages.
+Order of operations per frame: the model predicts at its training size (a checkpoint's data.size, else the image's size
+padded up to a multiple of its size divisor), the prediction is resized bilinearly to the ground truth's size; on
+native-size KB-cropped frames prediction and ground truth are then pasted into the full-size canvas (zeros elsewhere)
+before the Garg/Eigen crop, as the KB-crop convention asks; `distill.metrics` masks, aligns, clamps and averages.
 """
 
 from __future__ import annotations

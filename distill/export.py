@@ -9,7 +9,6 @@ PyTorch with ONNX Runtime (max relative error <= 1e-3) and ends by printing the 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.util
 import inspect
@@ -64,29 +63,57 @@ class ExportWrapper(nn.Module):
         return depth, confidence[..., :height, :width] if any(self.pad) else confidence
 
 
-def run_export(args: argparse.Namespace) -> list[Path]:
-    """The `distill export` verb (see cli.py for the arguments). Returns the files written."""
-    formats = parse_formats(args.format)
-    if (args.fp16 or args.int8) and "engine" not in formats:
+def run_export(
+    checkpoint: Path | str | None,
+    *,
+    out: Path | str,
+    formats: str = "onnx",
+    size: tuple[int, int] = (352, 1216),
+    dynamic: bool = False,
+    fp16: bool = False,
+    int8: bool = False,
+    calib: Path | None = None,
+    opset: int = 17,
+    arch: str | None = None,
+    random_init: bool = False,
+) -> list[Path]:
+    """The `distill export` verb: a checkpoint (or a random-init student) to ONNX and/or a TensorRT engine.
+
+    Args:
+        checkpoint: checkpoint or run folder, or an exported .onnx to build an engine from; None with random_init.
+        out: output folder.
+        formats: comma-separated, "onnx", "engine" or both.
+        size: (H, W) pixels of the exported input.
+        dynamic: dynamic batch/height/width axes.
+        fp16, int8: the TensorRT engine's precision (int8 needs `calib`).
+        calib: images, a dataset or a bag: INT8 calibration data and the parity check's inputs.
+        opset: ONNX opset version.
+        arch, random_init: export an untrained student of this architecture (tests, benchmarks).
+
+    Returns:
+        The files written.
+    """
+    chosen = parse_formats(formats)
+    if (fp16 or int8) and "engine" not in chosen:
         raise UserError("--fp16/--int8 set the TensorRT engine's precision: add --format engine (or onnx,engine)")
-    if args.int8 and args.calib is None:
+    if int8 and calib is None:
         raise UserError("--int8 needs --calib DATA (a folder of images, a dataset or a rosbag) for calibration")
-    out = Path(args.out)
+    out = Path(out)
     written: list[Path] = []
-    source = Path(args.checkpoint) if args.checkpoint is not None else None
-    if source is not None and source.is_file() and not args.random_init and source.name not in _CHECKPOINT_FILES:
-        onnx_path = _existing_onnx(source, formats)  # an exported model: build the engine from it
+    source = Path(checkpoint) if checkpoint is not None else None
+    if source is not None and source.is_file() and not random_init and source.name not in _CHECKPOINT_FILES:
+        onnx_path = _existing_onnx(source, chosen)  # an exported model: build the engine from it
         metadata = read_metadata_or_fail(onnx_path)
     else:
-        model, config = load_for_export(args)
-        onnx_path, metadata = export_onnx(model, out, args.size, args.dynamic, args.opset, config, args.calib)
+        model, config = load_for_export(source, arch=arch, random_init=random_init)
+        onnx_path, metadata = export_onnx(model, out, size, dynamic, opset, config, calib)
         written.append(onnx_path)
-    if "engine" in formats:
+    if "engine" in chosen:
         from distill.export_trt import build_engine
 
-        precision = "int8" if args.int8 else "fp16" if args.fp16 else "fp32"
+        precision = "int8" if int8 else "fp16" if fp16 else "fp32"
         out.mkdir(parents=True, exist_ok=True)
-        written.append(build_engine(onnx_path, out, precision, metadata, args.size, calib=args.calib))
+        written.append(build_engine(onnx_path, out, precision, metadata, size, calib=calib))
     print_usage(written)
     return written
 
@@ -115,20 +142,22 @@ def read_metadata_or_fail(path: Path) -> ModelMetadata:
         raise UserError(str(error)) from None
 
 
-def load_for_export(args: argparse.Namespace) -> tuple[nn.Module, dict]:
+def load_for_export(
+    checkpoint: Path | None, *, arch: str | None = None, random_init: bool = False
+) -> tuple[nn.Module, dict]:
     """The model to export (eval mode, CPU) and the config describing it."""
-    if args.random_init:
-        if not args.arch:
+    if random_init:
+        if not arch:
             raise UserError("--random-init needs --arch NAME (a student architecture, e.g. efficientnet_b0)")
-        if args.checkpoint is not None:
-            raise UserError(f"give either a checkpoint ({args.checkpoint}) or --random-init, not both")
-        model, _ = load_model(args.arch)
-        return model, {"arch": args.arch, "random_init": True}
-    if args.checkpoint is None:
+        if checkpoint is not None:
+            raise UserError(f"give either a checkpoint ({checkpoint}) or --random-init, not both")
+        model, _ = load_model(arch)
+        return model, {"arch": arch, "random_init": True}
+    if checkpoint is None:
         raise UserError("give a CHECKPOINT folder to export (or --arch NAME --random-init for an untrained student)")
-    if not Path(args.checkpoint).exists():
-        raise UserError(f"checkpoint not found: {args.checkpoint}")
-    return load_model(Path(args.checkpoint))
+    if not Path(checkpoint).exists():
+        raise UserError(f"checkpoint not found: {checkpoint}")
+    return load_model(Path(checkpoint))
 
 
 def model_arch(model: nn.Module, config: dict) -> str:

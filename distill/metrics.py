@@ -1,4 +1,5 @@
-"""Monocular depth evaluation: the KITTI Eigen / NYU protocol of methods.md §8, per image, averaged over images.
+"""Monocular depth evaluation: the KITTI Eigen-split protocol (Eigen et al., NeurIPS 2014; Garg crop of Garg et al.,
+ECCV 2016) and the NYU Eigen crop, per image, averaged over images.
 
 Definitions follow the AdaBins / monodepth2 evaluation code (``compute_errors``). For one image with valid ground truth
 ``gt`` and prediction ``p`` (both metres, over the valid pixels only):

@@ -16,9 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from depth_node.geometry import backproject
-from distill.inference import open_predictor
-from distill.viz import (
-    bag_frames,
+from distill.drawing import (
     colorize_depth,
     colorize_error,
     densify_for_display,
@@ -29,6 +27,8 @@ from distill.viz import (
     render_cloud,
     write_png,
 )
+from distill.inference import open_predictor
+from distill.viz import bag_frames
 
 ROLES = ("teacher", "student", "kd")
 
@@ -131,21 +131,28 @@ def kitti_picture(kitti: Path, model: Path, folder: Path) -> Path:
     return write_png(folder / "kitti.png", mosaic([[tile] for tile in tiles]))
 
 
-def write_report(settings, runs: dict[str, Path], results: dict) -> Path:
-    """Draw the pictures, write report.md and report.json into settings.out; print where everything is."""
-    from distill.demo import CAMERA_INFO_TOPIC, IMAGE_TOPIC, model_names
+def write_report(
+    settings, runs: dict[str, Path], results: dict, *, names: dict[str, str], image_topic: str, camera_info_topic: str
+) -> Path:
+    """Draw the pictures, write report.md and report.json into settings.out; print where everything is.
 
+    Args:
+        settings: the demo's settings (out folder, sizes, method).
+        runs: run folder per role (teacher, student, kd).
+        results: what the demo measured (its stages fill it).
+        names: display name per role.
+        image_topic, camera_info_topic: the camera topics the live node was fed.
+    """
     folder = settings.out / "pictures"
-    names = model_names(settings)
     pictures = test_pictures(settings, runs, names, folder)
-    live, results["live"]["points_match_depth"] = live_pictures(Path(results["live"]["output"]), IMAGE_TOPIC, folder)
+    live, results["live"]["points_match_depth"] = live_pictures(Path(results["live"]["output"]), image_topic, folder)
     pictures.update(live)
     if "kitti" in results:
         pictures["kitti"] = kitti_picture(settings.kitti, Path(results["export"]["kd"]), folder)
     results["pictures"] = {name: str(path) for name, path in pictures.items()}
     (settings.out / "report.json").write_text(json.dumps(results, indent=2, default=str))
     report = settings.out / "report.md"
-    report.write_text(markdown(settings, results, pictures, CAMERA_INFO_TOPIC, IMAGE_TOPIC))
+    report.write_text(markdown(settings, results, pictures, camera_info_topic, image_topic))
     print_summary(settings, results, report)
     return report
 

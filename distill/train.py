@@ -23,7 +23,10 @@ def run_training(config_path: Path | str | None, overrides: Sequence[str] = ()) 
     config = load_config(config_path, overrides)
     import torch.distributed as dist
 
-    from distill.trainer import Trainer, build_method
+    from distill.kd.registry import resolve_kd
+    from distill.trainer import Trainer
+
+    resolve_kd(config)
 
     device = _init_processes(config)
     try:
@@ -32,7 +35,7 @@ def run_training(config_path: Path | str | None, overrides: Sequence[str] = ()) 
         _seed_everything(config.run.seed + (dist.get_rank() if dist.is_initialized() else 0))
         loader, validate = _train_loader(config), _validator(config, device)  # data mistakes surface first
         model = build_model_from_config(config).to(device)
-        method = build_method(config, model, device).to(device)
+        method = build_task_method(config, model, device).to(device)
         trainer = Trainer(config, method, loader, validate, run_dir, device)
         if resume_from is not None:
             trainer.resume(resume_from)
@@ -47,6 +50,17 @@ def run_training(config_path: Path | str | None, overrides: Sequence[str] = ()) 
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def build_task_method(config: Config, model, device):
+    """What `run.task` trains: `model` under `kd:` (supervised or distilled), or a completion network on top of it."""
+    if config.run.task == "completion":
+        from distill.completion.training import build_completion_method
+
+        return build_completion_method(config, model, device)
+    from distill.kd.registry import build_method
+
+    return build_method(config, model, device)
 
 
 def _init_processes(config: Config):

@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from depth_node.completion_engine import resize_sparse, sanitize_aligned
+from distill.completion.training import CompletionMethod, build_completion_method, masked_l1_l2, masked_log_l1
 from distill.config import load_config
 from distill.data import build_dataset
 from distill.data.kitti import keep_beams, laser_rings, read_velodyne
 from distill.data.synth_sensors import LIDAR_ELEVATIONS
 from distill.errors import UserError
-from distill.kd.completion import CompletionMethod, build_method, masked_l1_l2, masked_log_l1
 from distill.models import build_student
 from distill.models.completion import CompletionNet, build_completion, pooled_guidance
 
@@ -167,7 +167,7 @@ def test_kitti_samples_carry_sparse_depth_that_lies_on_the_ground_truth(synth_ro
 
 def test_config_accepts_beam_counts_and_rejects_others():
     config = load_config(None, ["data.lidar_beams=[64, 16]"], check_paths=False)
-    assert config.data.lidar_beams == [64, 16] and config.kd.completion.widths == [12, 24, 48, 64]
+    assert config.data.lidar_beams == [64, 16] and config.completion.widths == [12, 24, 48, 64]
     with pytest.raises(UserError, match="data.lidar_beams"):
         load_config(None, ["data.lidar_beams=24"], check_paths=False)
 
@@ -199,17 +199,17 @@ def completion_config(synth_root: Path, tmp_path: Path, *extra: str):
 def test_build_method_refuses_validation_and_missing_lidar(synth_root, tmp_path):
     cpu = torch.device("cpu")
     with pytest.raises(UserError, match="data.val_split"):
-        build_method(completion_config(synth_root, tmp_path, "data.val_split=val"), small_mono(), cpu)
+        build_completion_method(completion_config(synth_root, tmp_path, "data.val_split=val"), small_mono(), cpu)
     with pytest.raises(UserError, match="data.lidar_beams"):
-        build_method(completion_config(synth_root, tmp_path, "data.lidar_beams=null"), small_mono(), cpu)
+        build_completion_method(completion_config(synth_root, tmp_path, "data.lidar_beams=null"), small_mono(), cpu)
 
 
 @pytest.mark.slow
 def test_training_on_one_batch_lowers_the_loss_and_keeps_the_mono_model_frozen(synth_root, tmp_path):
     torch.manual_seed(0)
-    config = completion_config(synth_root, tmp_path, "kd.completion.widths=[8, 8, 16]")
+    config = completion_config(synth_root, tmp_path, "completion.widths=[8, 8, 16]")
     mono = small_mono()
-    method = build_method(config, mono, torch.device("cpu"))
+    method = build_completion_method(config, mono, torch.device("cpu"))
     assert isinstance(method, CompletionMethod) and method.trainable_modules() == [method.student]
     frozen = {name: value.clone() for name, value in mono.state_dict().items()}
     dataset = build_dataset({"kind": "kitti", "root": synth_root, "lidar_beams": 64}, "train", augment=False)

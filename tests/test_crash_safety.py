@@ -27,8 +27,9 @@ from distill import checkpoint as ckpt
 from distill.cli import main
 from distill.config import load_config
 from distill.errors import UserError
+from distill.kd.registry import build_method
 from distill.models import load_model
-from distill.trainer import NonFiniteLossError, Trainer, build_method
+from distill.trainer import NonFiniteLossError, Trainer
 
 # Saves checkpoints step, step + 1, ... forever: weights and method tensors all equal to the step they belong to.
 WRITER = """

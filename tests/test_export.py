@@ -3,7 +3,6 @@ with its metadata read back by the torch-free runtime; bad input gives one clear
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from depth_node.engine import ModelLoadError, open_engine, plan_input, preproces
 from depth_node.metadata import read_onnx_metadata
 from distill.bench import run_bench
 from distill.checkpoint import save_checkpoint
-from distill.cli import build_parser, main
+from distill.cli import main
 from distill.errors import UserError
 from distill.export import config_hash, export_onnx, relative_error, run_export, smooth_random_image
 from distill.models import build_student
@@ -28,14 +27,6 @@ FAST_ARCHS = ["efficientnet_b0", "resnet18", "mobilenetv2_100"]
 SLOW_ARCHS = ["efficientnet_b3", "resnet50", "ghostnet_100"]
 REPO = Path(__file__).resolve().parents[1]
 RANDOM = ["export", "--arch", "resnet18", "--random-init", "--out", "{tmp}"]
-
-
-def export_args(**changes) -> argparse.Namespace:
-    """The Namespace cli.py hands to run_export, with its defaults."""
-    args = build_parser().parse_args(["export", "--out", "unused"])
-    for key, value in changes.items():
-        setattr(args, key, value)
-    return args
 
 
 def tiny_student(arch: str, seed: int = 0):
@@ -180,7 +171,7 @@ def test_bench_reports_latency(tmp_path, capsys):
 
 
 def test_run_export_returns_the_written_files(tmp_path):
-    written = run_export(export_args(out=tmp_path, arch="resnet18", random_init=True, size=SIZE, dynamic=True))
+    written = run_export(None, out=tmp_path, arch="resnet18", random_init=True, size=SIZE, dynamic=True)
     assert written == [tmp_path / "resnet18_dynamic.onnx"]
 
 

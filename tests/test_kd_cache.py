@@ -15,9 +15,9 @@ from distill.config import data_dict, load_config
 from distill.data import build_dataset
 from distill.data.synth import write_world
 from distill.errors import UserError
-from distill.kd import response
 from distill.kd.cache import cache_teacher, read_features, write_features
-from distill.kd.common import DistillMethod
+from distill.kd.registry import build_method
+from distill.kd.teacher import DistillMethod
 from distill.models import build_student, build_teacher
 
 
@@ -107,8 +107,8 @@ def test_cached_teacher_follows_flips_and_refuses_random_crops(tmp_path, world, 
     student = build_student("resnet18", bins=4, decoder_width=8)
     overrides = [f"teacher.spec=precomputed:{tmp_path / 'cache'}"]
     with pytest.raises(UserError, match="data.crop=.* is a random crop"):
-        response.build_method(load_config(exp, [*overrides, "data.crop=[32, 32]"]), student, torch.device("cpu"))
-    method = response.build_method(load_config(exp, overrides), student, torch.device("cpu"))
+        build_method(load_config(exp, [*overrides, "data.crop=[32, 32]"]), student, torch.device("cpu"))
+    method = build_method(load_config(exp, overrides), student, torch.device("cpu"))
     assert isinstance(method, DistillMethod)
     dataset = build_dataset(data_dict(config), "train", augment=False)
     names = [dataset[i]["meta"]["name"] for i in range(2)]

@@ -26,10 +26,10 @@ from distill.kd.disdepth import (
     LAM,
     DisDepthMethod,
     attentive_kd_loss,
-    build_method,
     kd_weights,
     rms_normalize,
 )
+from distill.kd.registry import build_method, resolve_kd
 from distill.models import build_student, build_teacher, load_model
 from distill.train import run_training
 from distill.trainer import Trainer
@@ -40,7 +40,9 @@ SIZE = (64, 96)  # (H, W): a multiple of 32, as the students and the ViT reassem
 def config_with(**changes):
     """config/default.yaml with kd.method=disdepth and `changes` to its kd.disdepth section."""
     overrides = ["kd.method=disdepth", *(f"kd.disdepth.{k}={v}" for k, v in changes.items())]
-    return load_config(None, overrides, check_paths=False)
+    config = load_config(None, overrides, check_paths=False)
+    resolve_kd(config)
+    return config
 
 
 def tiny_student():

@@ -14,7 +14,6 @@ from test_kd_tiekd import export_onnx_teacher
 from depth_node.geometry import backproject
 from distill.cli import main as distill_main
 from distill.config import load_config
-from distill.kd import labelfree
 from distill.kd.labelfree import (
     PointNetFeatures,
     backproject_pixels,
@@ -24,6 +23,7 @@ from distill.kd.labelfree import (
     median_normalise,
     sample_pixels,
 )
+from distill.kd.registry import build_method
 from distill.models import build_student
 from distill.models.base import DepthOutput
 from distill.models.external import write_precomputed
@@ -104,7 +104,7 @@ def test_a_relative_teacher_is_aligned_to_the_student_before_distilling(tmp_path
     write_precomputed(tmp_path / "cache", ["a", "b"], 7.0 / depth + 0.2, "relative_disparity")
     config = load_config(None, ["kd.method=labelfree", f"teacher.spec=precomputed:{tmp_path / 'cache'}",
                                 "kd.labelfree.points=32"])  # fmt: skip
-    method = labelfree.build_method(config, build_student("resnet18", bins=4, decoder_width=8), torch.device("cpu"))
+    method = build_method(config, build_student("resnet18", bins=4, decoder_width=8), torch.device("cpu"))
     batch = {"image": torch.rand(2, 3, 8, 8), "K": K.expand(2, 3, 3), "depth": torch.zeros(2, 1, 8, 8),
              "meta": {"name": ["a", "b"], "hflip": torch.tensor([False, False])}}  # fmt: skip
     terms = method.loss(batch, DepthOutput(depth=depth.clone()), step=0)

@@ -13,10 +13,11 @@ from test_kd_tiekd import export_onnx_teacher, tiny_config
 from distill.config import load_config
 from distill.data.synth import write_world
 from distill.errors import UserError
-from distill.kd import gtfill, response
-from distill.kd.common import align_to_reference, fit_scale_shift, load_teacher, top_rows_mask
+from distill.kd.alignment import align_to_reference, fit_scale_shift, top_rows_mask
 from distill.kd.gtfill import fill_gt
+from distill.kd.registry import build_method
 from distill.kd.response import LOSSES, response_loss
+from distill.kd.teacher import load_teacher
 from distill.losses import silog_loss
 from distill.models import build_student
 from distill.models.base import DepthOutput
@@ -107,7 +108,7 @@ def batch_of(depth: torch.Tensor, flips: list[bool]) -> dict:
 
 def test_gtfill_method_trains_silog_on_the_filled_map(tmp_path):
     config = precomputed_config(tmp_path, "gtfill", ["kd.gtfill.ignore_top=0.25"])
-    method = gtfill.build_method(config, build_student("resnet18", bins=4, decoder_width=8), torch.device("cpu"))
+    method = build_method(config, build_student("resnet18", bins=4, decoder_width=8), torch.device("cpu"))
     gt = torch.zeros(2, 1, 8, 8)
     gt[:, :, 4:, :] = 20.0  # bottom half labelled
     out = DepthOutput(depth=torch.full((2, 1, 8, 8), 15.0))
@@ -121,7 +122,7 @@ def test_gtfill_method_trains_silog_on_the_filled_map(tmp_path):
 
 def test_response_method_adds_the_weighted_gt_loss(tmp_path):
     config = precomputed_config(tmp_path, "response", ["kd.response.loss=mse", "kd.response.gt_weight=0.5"])
-    method = response.build_method(config, build_student("resnet18", bins=4, decoder_width=8), torch.device("cpu"))
+    method = build_method(config, build_student("resnet18", bins=4, decoder_width=8), torch.device("cpu"))
     gt = torch.full((2, 1, 8, 8), 12.0)
     out = DepthOutput(depth=torch.full((2, 1, 8, 8), 12.0), centers=torch.full((2, 4), 12.0))
     terms = method.loss(batch_of(gt, [False, False]), out, step=0)
@@ -139,7 +140,7 @@ def test_teacher_loading_errors_name_the_keys(tmp_path):
     with pytest.raises(UserError, match="weights file: also set teacher.spec"):
         load_teacher(load_config(None, ["kd.method=response", f"teacher.weights={weights}"]), torch.device("cpu"))
     with pytest.raises(UserError, match="kd.response: section missing"):
-        response.build_method(load_config(None, ["kd.method=response", "kd.response=null"]), None, torch.device("cpu"))
+        build_method(load_config(None, ["kd.method=response", "kd.response=null"]), None, torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ from torch import nn
 
 from distill.config import load_config
 from distill.data.synth import write_world
-from distill.kd.tiekd import build_method, dpm_kl, gaussian_dpm, pin_uniform_bins, teacher_dpm, tiekd_terms
+from distill.kd.registry import build_method
+from distill.kd.tiekd import dpm_kl, gaussian_dpm, pin_uniform_bins, teacher_dpm, tiekd_terms
 from distill.models import build_student
 from distill.models.base import DepthOutput
 from distill.train import run_training

@@ -21,10 +21,11 @@ from distill.checkpoint import read_state, resolve_checkpoint
 from distill.config import load_config
 from distill.data.sampling import ResumableSampler, SeededDataset
 from distill.errors import UserError
+from distill.kd.method import SupervisedMethod
 from distill.models import build_student, load_model
 from distill.models.base import DepthOutput
 from distill.train import run_training
-from distill.trainer import SupervisedMethod, lr_at
+from distill.trainer import lr_at
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -146,8 +147,9 @@ def test_a_new_run_never_overwrites_and_resume_needs_a_checkpoint(tmp_path, synt
 
 
 def test_epochs_count_full_batches_and_set_the_method_total(tmp_path, synth_root):
+    from distill.kd.registry import build_method
     from distill.train import _train_loader, build_model_from_config
-    from distill.trainer import Trainer, build_method
+    from distill.trainer import Trainer
 
     config = load_config(experiment(tmp_path, synth_root), ["train.steps=null", "train.epochs=3"])
     loader = _train_loader(config)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import cv2
@@ -11,18 +10,17 @@ import pytest
 from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
-from distill.errors import UserError
-from distill.viz import (
+from distill.drawing import (
     colorize_depth,
     colorize_error,
     display_range,
     labelled,
     mosaic,
     render_cloud,
-    run_viz,
-    source_kind,
     write_ply,
 )
+from distill.errors import UserError
+from distill.viz import run_viz, source_kind
 
 IMAGE_TOPIC = "/kitti/camera_color_left/image_raw"
 
@@ -141,11 +139,9 @@ def test_source_kind(tmp_path):
         source_kind(tmp_path / "notes.txt")
 
 
-def viz_args(source: Path, out: Path, model: Path | None = None, **overrides) -> argparse.Namespace:
-    """The namespace `distill viz` builds (see the argparse spec in the report to the lead)."""
-    values = dict(source=source, model=model, out=out, max_frames=10, colormap="turbo", depth_topic="/depth",
-                  image_topic=IMAGE_TOPIC, hfov=81.4, points_stride=1)  # fmt: skip
-    return argparse.Namespace(**{**values, **overrides})
+def viz(source: Path, out: Path, model: Path | None = None, **overrides) -> list[Path]:
+    """`run_viz` as `distill viz` calls it, drawing every point (stride 1) unless told otherwise."""
+    return run_viz(source, **{"model": model, "out": out, "image_topic": IMAGE_TOPIC, "points_stride": 1, **overrides})
 
 
 def write_depth_bag(path: Path, depth: np.ndarray, rgb: np.ndarray, K: np.ndarray) -> None:
@@ -179,7 +175,7 @@ def test_viz_bag_depth_topic_to_pngs_ply_and_preview(tmp_path):
     rgb[..., 1] = 200
     K = np.array([[20.0, 0, 7.5], [0, 20.0, 5.5], [0, 0, 1]])
     write_depth_bag(tmp_path / "bag", depth, rgb, K)
-    written = run_viz(viz_args(tmp_path / "bag", tmp_path / "out"))
+    written = viz(tmp_path / "bag", tmp_path / "out")
     names = sorted(path.name for path in written)
     assert names == [f"7_000000005_{suffix}" for suffix in ("depth.png", "panel.png", "points.ply", "points.png")]
     picture = cv2.imread(str(tmp_path / "out" / "7_000000005_depth.png"))
@@ -191,9 +187,9 @@ def test_viz_bag_depth_topic_to_pngs_ply_and_preview(tmp_path):
     np.testing.assert_allclose(vertices["x"][0], (4 - 7.5) * 8 / 20)  # first valid pixel (row 0, column 4)
     assert (vertices["green"] == 200).all()  # coloured by the image of the same stamp
     with pytest.raises(UserError, match="depth_node_bag"):
-        run_viz(viz_args(tmp_path / "bag", tmp_path / "o2", model=tmp_path / "m.onnx"))
+        viz(tmp_path / "bag", tmp_path / "o2", model=tmp_path / "m.onnx")
     with pytest.raises(UserError, match="no /depth_missing"):
-        run_viz(viz_args(tmp_path / "bag", tmp_path / "o3", depth_topic="/depth_missing"))
+        viz(tmp_path / "bag", tmp_path / "o3", depth_topic="/depth_missing")
 
 
 @pytest.fixture(scope="module")
@@ -213,15 +209,15 @@ def test_viz_images_with_an_onnx_model(tmp_path, tiny_onnx):
     folder.mkdir()
     for index in range(3):
         cv2.imwrite(str(folder / f"frame{index}.jpg"), np.full((40, 60, 3), 60 * index, np.uint8))
-    written = run_viz(viz_args(folder, tmp_path / "out", tiny_onnx, max_frames=2, points_stride=2))
+    written = viz(folder, tmp_path / "out", tiny_onnx, max_frames=2, points_stride=2)
     assert len(written) == 2 * 4  # two frames (--max-frames), depth/ply/preview/panel each
     depth = cv2.imread(str(tmp_path / "out" / "frame0_depth.png"))
     assert depth.shape == (40, 60, 3) and depth.any(axis=2).all()  # a metric model predicts every pixel
     _, vertices = read_ply(tmp_path / "out" / "frame1_points.ply")
     assert len(vertices) == 20 * 30 and (vertices["red"] == 60).all()
     with pytest.raises(UserError, match="--model is needed"):
-        run_viz(viz_args(folder, tmp_path / "o2"))
-    single = run_viz(viz_args(folder / "frame2.jpg", tmp_path / "o3", tiny_onnx))
+        viz(folder, tmp_path / "o2")
+    single = viz(folder / "frame2.jpg", tmp_path / "o3", tiny_onnx)
     assert [path.name for path in single][0] == "frame2_depth.png" and len(single) == 4
 
 
@@ -231,7 +227,7 @@ def test_viz_dataset_on_the_real_kitti_frame_writes_error_maps(tmp_path, tiny_on
     config = tmp_path / "kitti.yaml"
     config.write_text(f"data:\n  kind: kitti\n  root: {kitti}\n  raw_root: {kitti}\n"
                       f"  gt_root: {kitti / 'data_depth_annotated'}\n")  # fmt: skip
-    written = run_viz(viz_args(config, tmp_path / "out", tiny_onnx, points_stride=4))
+    written = viz(config, tmp_path / "out", tiny_onnx, points_stride=4)
     name = "2011_09_26_drive_0001_sync_image_02_0000000005"
     assert {path.name for path in written} == {f"{name}_{s}" for s in
                                                ("depth.png", "gt.png", "error.png", "points.ply", "points.png",

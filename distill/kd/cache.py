@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from distill.config import Config, data_dict, load_config
 from distill.errors import UserError
-from distill.kd.common import is_precomputed, load_teacher
+from distill.kd.teacher import is_precomputed, load_teacher
 from distill.models.base import DepthModel, DepthOutput
 from distill.models.external import precomputed_path, write_precomputed
 

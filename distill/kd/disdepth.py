@@ -1,5 +1,6 @@
-"""DisDepth cross-architecture KD (DisDepth §3.3–3.4, Algorithm 1; methods.md §3): a transformer teacher's features,
-acclimated to the student's decoder, distilled into a CNN student with a loss-attention weighting.
+"""DisDepth cross-architecture KD (DisDepth: "Promoting CNNs with Cross-Architecture Knowledge Distillation for
+Efficient Monocular Depth Estimation", §3.3–3.4, Algorithm 1): a transformer teacher's features, acclimated to the
+student's decoder, distilled into a CNN student with a loss-attention weighting.
 
 Per training step (Algorithm 1):
     1. the ghost head (a copy of the student's decoder and bins heads) is re-copied from the student;
@@ -11,7 +12,7 @@ Per training step (Algorithm 1):
     5. loss = task(Y_s) + task(Y_t) + λ·L_kd, L_kd = Σ_l mean((w_l ⊙ (F_s^l − F̃_t^l))²) with F̃_t and the pixel
        weights w_l = A_l / sqrt(mean_p A_l²) detached, and L_kd only once the warm-up is over.
 
-Choices of ours (methods.md "ours"), all in `kd.disdepth`:
+Choices of ours (not the paper's), all in `kd.disdepth`:
     - L_kd is normalised per element (a mean over B·C·H·W per level, summed over levels), so its size does not
       depend on the image size and λ = 0.05 keeps its meaning across sizes.
     - The LAM scores A sum to 1 over the pixels of each image. The LAM output is (H·W·A) ⊙ F̃_t, so uniform
@@ -38,14 +39,37 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from pydantic import model_validator
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from distill.config import Config
+from distill.config import Config, Section
 from distill.errors import UserError
-from distill.kd.common import DistillMethod, kd_section, load_teacher
+from distill.kd.method import Batch
+from distill.kd.registry import kd_section, register_method
+from distill.kd.teacher import DistillMethod
 from distill.models.base import DepthModel, DepthOutput
-from distill.trainer import Batch
+
+
+class DisDepthSettings(Section):
+    """`kd.disdepth`: DisDepth cross-architecture KD (DisDepth §3.3–3.4)."""
+
+    weight: float = 0.05
+    warmup_fraction: float = 0.28
+    fam: bool = True
+    lam: bool = True
+    ghost_weight: float = 1.0
+    fam_head_dim: int = 32
+    lam_dim: int = 64
+    normalize: bool = True
+
+    @model_validator(mode="after")
+    def _lam_needs_fam(self) -> DisDepthSettings:
+        if self.lam and not self.fam:
+            raise ValueError("lam: true needs fam: true (the LAM is trained through the ghost decoder)")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        return self
 
 
 def attentive_kd_loss(
@@ -245,6 +269,7 @@ class DisDepthMethod(DistillMethod):
         return self.settings.weight * attentive_kd_loss(student, target, weights)
 
 
-def build_method(config: Config, student: DepthModel, device: torch.device) -> DisDepthMethod:
-    """`kd.method: disdepth` (see distill.config / distill.trainer)."""
-    return DisDepthMethod(student, load_teacher(config, device), config).to(device)
+@register_method("disdepth", settings=DisDepthSettings, cached_teacher=False)
+def build_disdepth(student: DepthModel, teacher: DepthModel, config: Config, settings: Section) -> DisDepthMethod:
+    """`kd.method: disdepth`: needs a live teacher with stage features (cached maps carry none)."""
+    return DisDepthMethod(student, teacher, config)

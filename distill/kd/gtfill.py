@@ -1,8 +1,9 @@
 """GT filling: missing ground-truth pixels take the teacher's prediction, then supervised training on the dense map.
 
-The "filling unknown" experiment of the CNN/Transformer paper (methods.md §6): sparse LiDAR or Kinect holes are
-replaced by the frozen teacher's depth and the student is trained with the supervised task loss of `train:` (SILog,
-plus the bins chamfer loss) on the result. Labelled pixels keep their ground truth. A relative teacher is first
+The "filling unknown" experiment of "Monocular Depth Estimation Methods using CNN and Transformer" (§3.2, §4.3): sparse
+LiDAR or Kinect holes are replaced by the frozen teacher's depth and the student is trained with the supervised task
+loss of `train:` (SILog, plus the bins chamfer loss) on the result. Labelled pixels keep their ground truth. A relative
+teacher is first
 least-squares aligned to each image's ground truth. Rows above `ignore_top` (fraction of the height) are never filled:
 the teacher is least reliable where LiDAR never reaches (KITTI sky), as TIE-KD observes.
 
@@ -11,12 +12,24 @@ Config (`kd.gtfill`): ignore_top.
 
 from __future__ import annotations
 
-import torch
+from typing import Annotated
 
-from distill.config import Config
-from distill.kd.common import DistillMethod, check_cached_inputs, kd_section, load_teacher, top_rows_mask
+import torch
+from pydantic import Field
+
+from distill.config import Config, Section
+from distill.kd.alignment import top_rows_mask
+from distill.kd.method import Batch, Method
+from distill.kd.registry import kd_section, register_method
+from distill.kd.teacher import DistillMethod
 from distill.models.base import DepthModel, DepthOutput
-from distill.trainer import Batch, Method
+
+
+class GTFillSettings(Section):
+    """`kd.gtfill`: ground truth densified by the teacher's depth ("Monocular Depth Estimation Methods using CNN and
+    Transformer", §4.3)."""
+
+    ignore_top: Annotated[float, Field(ge=0, lt=1)] = 0.0
 
 
 def fill_gt(
@@ -52,9 +65,7 @@ class GTFillMethod(DistillMethod):
         return {f"filled_{name}": value for name, value in terms.items()}
 
 
-def build_method(config: Config, student: DepthModel, device: torch.device) -> Method:
-    """GT filling for `distill.trainer.build_method` (kd.method: gtfill)."""
-    kd_section(config, "gtfill")  # fail before loading the teacher
-    teacher = load_teacher(config, device)
-    check_cached_inputs(config, teacher)
+@register_method("gtfill", settings=GTFillSettings)
+def build_gtfill(student: DepthModel, teacher: DepthModel, config: Config, settings: Section) -> Method:
+    """`kd.method: gtfill`."""
     return GTFillMethod(student, teacher, config)

@@ -1,5 +1,5 @@
 """Label-free geometric KD for unlabeled robot logs (Gao et al., "Robust lightweight depth estimation model via
-data-free distillation"; methods.md §5). The student learns from the teacher only; no depth label is read.
+data-free distillation"). The student learns from the teacher only; no depth label is read.
 
     channel-wise:  tau^2 * KL(softmax_HW(n_t / tau) || softmax_HW(n_s / tau))     (Shu et al. 2021, one channel)
     geometric:     MSE(P_s, P_t) + MSE(phi(P_s), phi(P_t))
@@ -23,17 +23,31 @@ pointnet_seed (int).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import torch
+from pydantic import Field
 from torch import nn
 
-from distill.config import Config
-from distill.errors import UserError
-from distill.kd.common import DistillMethod, check_cached_inputs, kd_section, load_teacher
+from distill.config import Config, Section
+from distill.kd.method import Batch, Method
+from distill.kd.registry import kd_section, register_method
+from distill.kd.teacher import DistillMethod
 from distill.models.base import DepthModel, DepthOutput
-from distill.trainer import Batch, Method
 
 MASKED_LOGIT = -1e9  # logit of pixels outside the mask: zero probability, finite log
+
+
+class LabelFreeSettings(Section):
+    """`kd.labelfree`: label-free channel-wise + geometric KD (Gao et al., "Robust Lightweight Depth Estimation Model
+    via Data-Free Distillation")."""
+
+    tau: Annotated[float, Field(gt=0)] = 1.0
+    channel_weight: Annotated[float, Field(ge=0)] = 1.0
+    geometric_weight: Annotated[float, Field(ge=0)] = 1.0
+    points: Annotated[int, Field(ge=1)] = 4096
+    pointnet_weights: Path | None = None
+    pointnet_seed: int = 0
 
 
 def median_normalise(depth: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -160,11 +174,7 @@ class LabelFreeMethod(DistillMethod):
         return {"channel": cfg.channel_weight * channel, "geometric": cfg.geometric_weight * (points + features)}
 
 
-def build_method(config: Config, student: DepthModel, device: torch.device) -> Method:
-    """Label-free geometric KD for `distill.trainer.build_method` (kd.method: labelfree)."""
-    cfg = kd_section(config, "labelfree")
-    if cfg.pointnet_weights is not None and not cfg.pointnet_weights.is_file():
-        raise UserError(f"kd.labelfree.pointnet_weights: file not found: {cfg.pointnet_weights}")
-    teacher = load_teacher(config, device)
-    check_cached_inputs(config, teacher)
-    return LabelFreeMethod(student, teacher, config, build_pointnet(cfg.pointnet_weights, cfg.pointnet_seed))
+@register_method("labelfree", settings=LabelFreeSettings)
+def build_labelfree(student: DepthModel, teacher: DepthModel, config: Config, settings: Section) -> Method:
+    """`kd.method: labelfree`: phi (the PointNet) is built after the teacher, from its weights file or seed."""
+    return LabelFreeMethod(student, teacher, config, build_pointnet(settings.pointnet_weights, settings.pointnet_seed))

@@ -1,4 +1,5 @@
-"""Response-based KD baselines: the student's depth regressed onto the teacher's (methods.md §6, TIE-KD Table I).
+"""Response-based KD baselines: the student's depth regressed onto the teacher's (the response-based KD of TIE-KD §4.3,
+Table I).
 
     ssim      1 - SSIM(d_s, d_t)                  (`distill.losses.ssim_loss`, depth / model.max_depth)
     mse       mean (d_s - d_t)^2                  (square metres)
@@ -14,15 +15,29 @@ relative teachers' least-squares alignment).
 
 from __future__ import annotations
 
-import torch
+from typing import Annotated, Literal
 
-from distill.config import Config
-from distill.kd.common import DistillMethod, check_cached_inputs, kd_section, load_teacher, top_rows_mask
+import torch
+from pydantic import Field
+
+from distill.config import Config, Section
+from distill.kd.alignment import top_rows_mask
+from distill.kd.method import Batch, Method
+from distill.kd.registry import kd_section, register_method
+from distill.kd.teacher import DistillMethod
 from distill.losses import mse_loss, scale_invariant_loss, ssim_loss
 from distill.models.base import DepthModel, DepthOutput
-from distill.trainer import Batch, Method
 
 LOSSES = ("ssim", "mse", "si", "ssim_si", "ssim_mse")
+
+
+class ResponseSettings(Section):
+    """`kd.response`: response-KD baselines (TIE-KD §4.3, Table I)."""
+
+    loss: Literal["ssim", "mse", "si", "ssim_si", "ssim_mse"] = "ssim"
+    gt_weight: Annotated[float, Field(ge=0)] = 0.0
+    ignore_top: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    align_to: Literal["student", "gt"] = "student"
 
 
 def response_loss(
@@ -74,9 +89,7 @@ class ResponseMethod(DistillMethod):
         return terms
 
 
-def build_method(config: Config, student: DepthModel, device: torch.device) -> Method:
-    """Response KD for `distill.trainer.build_method` (kd.method: response)."""
-    kd_section(config, "response")  # fail before loading the teacher
-    teacher = load_teacher(config, device)
-    check_cached_inputs(config, teacher)
+@register_method("response", settings=ResponseSettings)
+def build_response(student: DepthModel, teacher: DepthModel, config: Config, settings: Section) -> Method:
+    """`kd.method: response`."""
     return ResponseMethod(student, teacher, config)

@@ -1,4 +1,5 @@
-"""TIE-KD: teacher-independent KD through Depth Probability Maps (Choi et al. 2024, methods.md §4).
+"""TIE-KD: teacher-independent KD through Depth Probability Maps ("TIE-KD: Teacher-Independent and Explainable Knowledge
+Distillation for Monocular Depth Estimation", §3.2–3.3).
 
 Only the teacher's output depth is used, so any teacher works (trainable checkpoints, `hf:`, black-box `onnx:`,
 cached `precomputed:` maps). Per pixel, the teacher's depth d becomes a Depth Probability Map over fixed uniform bins:
@@ -27,22 +28,36 @@ ignore_top (fraction of rows), align_to (student | gt: reference of relative tea
 from __future__ import annotations
 
 import math
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
-from distill.config import Config
+from distill.config import Config, Section
 from distill.errors import UserError
-from distill.kd.common import DistillMethod, check_cached_inputs, kd_section, load_teacher, top_rows_mask
+from distill.kd.alignment import top_rows_mask
+from distill.kd.method import Batch, Method
+from distill.kd.registry import kd_section, register_method
+from distill.kd.teacher import DistillMethod
 from distill.losses import ssim_loss
 from distill.models.base import DepthModel, DepthOutput
 from distill.models.bins import BinsHead
-from distill.trainer import Batch, Method
 
 CUTOFF_DENSITY = 1e-16  # Gaussian densities below this are cut off before the softmax (official code)
 CUTOFF_LOGIT = -1000.0  # what they become: exp(-1000) is exactly 0 in float32
 LOG_EPS = 1e-12  # student probabilities are floored here inside the log
+
+
+class TIEKDSettings(Section):
+    """`kd.tiekd`: TIE-KD through Depth Probability Maps (TIE-KD §3.2–3.3)."""
+
+    sigma: Annotated[float, Field(gt=0)] = 0.5
+    alpha: Annotated[float, Field(ge=0, le=1)] = 0.1
+    weight: Annotated[float, Field(ge=0)] = 10.0
+    ignore_top: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    align_to: Literal["student", "gt"] = "student"
 
 
 def gaussian_dpm(depth: torch.Tensor, centers: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -168,10 +183,8 @@ class TIEKDMethod(DistillMethod):
         )  # fmt: skip
 
 
-def build_method(config: Config, student: DepthModel, device: torch.device) -> Method:
-    """TIE-KD for `distill.trainer.build_method` (kd.method: tiekd)."""
-    kd_section(config, "tiekd")  # fail before loading the teacher
-    teacher = load_teacher(config, device)
-    check_cached_inputs(config, teacher)
+@register_method("tiekd", settings=TIEKDSettings)
+def build_tiekd(student: DepthModel, teacher: DepthModel, config: Config, settings: Section) -> Method:
+    """`kd.method: tiekd`: the student's bins are pinned uniform first (the DPMs live on them)."""
     pin_uniform_bins(student)
     return TIEKDMethod(student, teacher, config)

@@ -1,8 +1,9 @@
-"""Two-stage depth completion, stage 3 (methods.md §7): a small RGB-guided network that turns LiDAR-aligned mono
+"""Two-stage depth completion, stage 3: a small RGB-guided network that turns LiDAR-aligned mono
 depth plus the sparse LiDAR points into dense metric depth.
 
-Origin: the two-stage pipeline of the label-free geometric KD paper (`labelfree_geometric_kd_depth_completion.txt`:
-relative depth -> alignment to sparse depth -> completion guided by RGB and the aligned depth). The network itself is
+Origin: the two-stage pipeline of Gao et al., "Robust Lightweight Depth Estimation Model via Data-Free Distillation"
+(its two-stage completion: relative depth -> alignment to sparse depth -> completion guided by RGB and the aligned
+depth). The network itself is
 ours, sized for the node's CPU budget (0.28 GMAC and 0.14 M parameters at 176x608 with the default widths):
 
 - it predicts a log-residual r on the aligned depth a, so depth = a·exp(r) (clamped to the depth range); the head
@@ -90,7 +91,7 @@ class CompletionNet(DepthModel):
         output_stride: 1 or 2, the stride of the stem and of the predicted residual (bilinearly upsampled when 2).
         min_depth, max_depth: metres, the output range.
         lidar_gate: predict a per-point trust and blend the LiDAR points into the output (module docstring). Off
-            by default so checkpoints made before it load; `kd.completion.lidar_gate` turns it on for training.
+            by default so checkpoints made before it load; `completion.lidar_gate` turns it on for training.
     """
 
     def __init__(

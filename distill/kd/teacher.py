@@ -1,41 +1,25 @@
-"""Plumbing shared by the response-based KD methods (TIE-KD, response KD, GT filling, label-free geometric KD).
-
-They all need the same three things from a teacher, which this module provides:
-    - `load_teacher`: the frozen teacher that `teacher.spec` / `teacher.weights` name (any kind: trainable timm /
-      hybrid checkpoints, `hf:`, `onnx:`, `precomputed:` caches);
-    - `DistillMethod.teacher_depth`: its depth for a training batch, at the batch's size, with the training flips
-      applied to cached maps, relative outputs least-squares aligned to a reference and clamped to the model's range;
-    - `fit_scale_shift`, `top_rows_mask`: the pure maths behind that (per image, masked, differentiable).
-Relative teachers (`relative_depth`, `relative_disparity`) are aligned per image with a closed-form least-squares
-scale and shift (disparities in inverse-depth space, MiDaS-style) to a reference: the student's detached prediction
-(label-free) or the ground truth where the method is told to use it. Metric teachers are used as they are.
+"""The frozen teacher of a distillation run: loading it, checking cached maps fit the inputs, and its depth for a
+training batch (at the batch's size, with the training flips applied to cached maps, relative outputs aligned to a
+reference by `distill.kd.alignment` and clamped to the model's range). Shared by every method that has a teacher.
 """
 
 from __future__ import annotations
-
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from distill.checkpoint import STATE_FILE
 from distill.config import Config
 from distill.errors import UserError
+from distill.inference import predict_depth
+from distill.kd.alignment import align_to_reference
+from distill.kd.method import Batch, SupervisedMethod
+from distill.models import load_model
 from distill.models.base import DepthModel
-from distill.trainer import Batch, SupervisedMethod
+from distill.models.external import PrecomputedTeacher
 
 RANDOM_INIT_PREFIXES = ("timm:", "hybrid:")  # specs whose models carry no weights of their own
-MIN_FIT_PIXELS = 2  # fewer reference pixels than this and the fit is the identity (scale 1, shift 0)
-
-
-def kd_section(config: Config, name: str):
-    """`config.kd.<name>`, the method's typed section; UserError if a YAML set it to null."""
-    section = getattr(config.kd, name, None)
-    if section is None:
-        raise UserError(
-            f"kd.{name}: section missing (null) while kd.method={config.kd.method}; see config/default.yaml"
-        )
-    return section
 
 
 def load_teacher(config: Config, device: torch.device) -> DepthModel:
@@ -48,9 +32,6 @@ def load_teacher(config: Config, device: torch.device) -> DepthModel:
     - `teacher.spec` + a weights file (.safetensors/.pth): the spec built with the default head (256 bins, width
       128, stride 4) over the data's depth range, then the file loaded strictly.
     """
-    from distill.checkpoint import STATE_FILE
-    from distill.models import load_model
-
     spec, weights = config.teacher.spec, config.teacher.weights
     if spec is None and weights is None:
         raise UserError(f"kd.method={config.kd.method} needs a teacher: set teacher.weights or teacher.spec")
@@ -73,8 +54,6 @@ def load_teacher(config: Config, device: torch.device) -> DepthModel:
 
 
 def is_precomputed(teacher: DepthModel) -> bool:
-    from distill.models.external import PrecomputedTeacher
-
     return isinstance(teacher, PrecomputedTeacher)
 
 
@@ -85,71 +64,6 @@ def check_cached_inputs(config: Config, teacher: DepthModel) -> None:
             f"data.crop={list(config.data.crop)} is a random crop, but teacher.spec={config.teacher.spec} holds "
             "maps of the uncropped frames: set data.crop=null, or use the live teacher (teacher.weights)"
         )
-
-
-def fit_scale_shift(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image least-squares (s, t) minimising sum over mask of (s * x + t - y)^2, in closed form.
-
-    Same fit as `distill.metrics.align_prediction(..., "lsq")` (numpy, one image), batched and masked in torch. A
-    constant x fixes only the shift (s = 0, t = mean y); an image with fewer than 2 masked pixels gets (1, 0).
-
-    Args:
-        x: (B, 1, H, W) values to align (any units).
-        y: (B, 1, H, W) reference values.
-        mask: (B, 1, H, W) bool, pixels that count (x and y finite there).
-
-    Returns:
-        scale (B,), shift (B,), in y's units per x unit and y's units.
-    """
-    w = mask.to(x.dtype).flatten(1)
-    x, y = torch.where(mask, x, 0.0).flatten(1), torch.where(mask, y, 0.0).flatten(1)
-    count = w.sum(dim=1)
-    n = count.clamp_min(1.0)
-    x_mean, y_mean = (w * x).sum(1) / n, (w * y).sum(1) / n
-    dx, dy = (x - x_mean[:, None]) * w, (y - y_mean[:, None]) * w
-    var, cov = (dx * dx).sum(1), (dx * dy).sum(1)
-    scale = torch.where(var > 0, cov / var.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(var))
-    shift = y_mean - scale * x_mean
-    enough = count >= MIN_FIT_PIXELS
-    return torch.where(enough, scale, torch.ones_like(scale)), torch.where(enough, shift, torch.zeros_like(shift))
-
-
-def align_to_reference(
-    output: torch.Tensor,
-    kind: Literal["metric", "relative_depth", "relative_disparity"],
-    reference: torch.Tensor,
-    mask: torch.Tensor,
-    depth_range: tuple[float, float],
-) -> torch.Tensor:
-    """A teacher output as depth in the reference's units, clamped to `depth_range`.
-
-    Args:
-        output: (B, 1, H, W) teacher output: metres ("metric"), relative depth or relative disparity.
-        kind: the teacher's output kind.
-        reference: (B, 1, H, W) depth the relative output is fitted to (metres, > 0 where mask).
-        mask: (B, 1, H, W) bool, pixels used for the fit.
-        depth_range: (min, max) metres of the result.
-
-    Returns:
-        (B, 1, H, W) depth. Relative depth: s * output + t fitted to the reference; relative disparity:
-        1 / (s * output + t) with s, t fitted to 1 / reference (inverse depth floored at 1 / max).
-    """
-    low, high = depth_range
-    if kind == "relative_depth":
-        scale, shift = fit_scale_shift(output, reference, mask)
-        output = scale.view(-1, 1, 1, 1) * output + shift.view(-1, 1, 1, 1)
-    elif kind == "relative_disparity":
-        inverse = 1.0 / reference.clamp_min(low)
-        scale, shift = fit_scale_shift(output, inverse, mask)
-        output = 1.0 / (scale.view(-1, 1, 1, 1) * output + shift.view(-1, 1, 1, 1)).clamp_min(1.0 / high)
-    return output.clamp(low, high)
-
-
-def top_rows_mask(like: torch.Tensor, fraction: float) -> torch.Tensor:
-    """(B, 1, H, W) bool, False on the top round(fraction * H) rows (TIE-KD ignores 110 of 352 = 0.3125 on KITTI)."""
-    mask = torch.ones_like(like, dtype=torch.bool)
-    mask[..., : round(fraction * like.shape[-2]), :] = False
-    return mask
 
 
 class DistillMethod(SupervisedMethod):
@@ -181,8 +95,6 @@ class DistillMethod(SupervisedMethod):
 
         Cached maps of horizontally flipped samples (meta "hflip", set by the training transform) are flipped too.
         """
-        from distill.inference import predict_depth
-
         image = batch["image"]
         if is_precomputed(self.teacher):
             output = self.teacher(image, names=list(batch["meta"]["name"])).depth.float()

@@ -1,12 +1,13 @@
-"""Two-stage depth completion training (methods.md §7): the completion network learns to turn the frozen mono model's
-LiDAR-aligned depth, the image and the sparse LiDAR into dense metric depth, supervised by dense ground truth.
+"""Two-stage depth completion training (`run.task: completion`): the completion network learns to turn the frozen
+mono model's LiDAR-aligned depth, the image and the sparse LiDAR into dense metric depth, supervised by dense
+ground truth.
 
 - Stage 1 is the model `model:` describes (a trained mono student or teacher, its weights in `model.weights`,
   loaded strictly, so `model:` repeats that run's settings), frozen and kept in eval mode: what the node runs first.
 - Stage 2, per training image: its prediction is robustly aligned to the sample's sparse LiDAR (scale and shift; in
   inverse-depth space for relative-disparity models) by `depth_node.completion.align_depth`, the code the node runs.
 - Stage 3, the network this method trains and checkpoints (so `distill export` exports it), is
-  `distill.models.completion.CompletionNet` with `kd.completion.widths`, over the model's depth range.
+  `distill.models.completion.CompletionNet` with `completion.widths`, over the model's depth range.
 Loss: l1_weight·|d − gt| + l2_weight·(d − gt)² + log_l1_weight·|ln d − ln gt| averaged over valid ground-truth
 pixels (metres). The log term weighs relative error, which is what AbsRel and δ1 count: the metric terms alone let
 near-range depth edges stay tens of percent off at a few decimetres' cost.
@@ -15,7 +16,7 @@ The samples need `sparse_depth`: set `data.lidar_beams` (64, 32, 16, or a list t
 during training is not supported (the image-only validator cannot feed the network): set `data.val_split: null`;
 `benchmarks/completion.py` evaluates the two stages.
 
-Config (`kd.completion`): widths, output_stride, lidar_gate, l1_weight, l2_weight, log_l1_weight, align_method,
+Config (`completion:`): widths, output_stride, lidar_gate, l1_weight, l2_weight, log_l1_weight, align_method,
 align_min_points.
 """
 
@@ -27,12 +28,11 @@ from tqdm import tqdm
 
 from depth_node.completion import align_depth, apply_alignment
 from depth_node.completion_engine import sanitize_aligned
-from distill.config import CompletionKD, Config
+from distill.config import CompletionSettings, Config
 from distill.errors import UserError
-from distill.kd.common import kd_section
+from distill.kd.method import Batch, Method
 from distill.models.base import DepthModel, DepthOutput
 from distill.models.completion import CompletionNet
-from distill.trainer import Batch, Method
 
 
 def masked_l1_l2(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,7 +76,7 @@ def align_to_lidar(
         sparse: (H, W) float32 LiDAR depth, metres, 0 = no point.
         output_kind: the stage-1 model's output kind; "relative_disparity" is aligned in inverse space.
         depth_range: (min, max) metres of the result.
-        method, min_points: of `align_depth` (kd.completion.align_method, align_min_points).
+        method, min_points: of `align_depth` (completion.align_method, align_min_points).
 
     Returns:
         (H, W) float32 metres, finite, in depth_range; the unaligned prediction when the fit failed.
@@ -90,7 +90,7 @@ def align_to_lidar(
 class CompletionMethod(Method):
     """Trains `student`, the completion network, on the frozen `mono` model's aligned depth (module docstring)."""
 
-    def __init__(self, network: CompletionNet, mono: DepthModel, cfg: CompletionKD) -> None:
+    def __init__(self, network: CompletionNet, mono: DepthModel, cfg: CompletionSettings) -> None:
         super().__init__(network)
         self.mono, self.cfg = mono, cfg
 
@@ -113,7 +113,7 @@ class CompletionMethod(Method):
 
     def forward(self, batch: Batch, step: int) -> tuple[DepthOutput, dict[str, torch.Tensor]]:
         if "sparse_depth" not in batch:
-            raise UserError("kd.method=completion needs sparse LiDAR depth in the samples: set data.lidar_beams")
+            raise UserError("run.task=completion needs sparse LiDAR depth in the samples: set data.lidar_beams")
         sparse = batch["sparse_depth"]
         mask = (sparse > 0).to(sparse.dtype)
         image = self.student.normalize(batch["image"])
@@ -129,18 +129,18 @@ class CompletionMethod(Method):
         return losses
 
 
-def build_method(config: Config, student: DepthModel, device: torch.device) -> Method:
-    """Completion training for `distill.trainer.build_method` (kd.method: completion); `student` is stage 1."""
-    cfg = kd_section(config, "completion")
+def build_completion_method(config: Config, student: DepthModel, device: torch.device) -> Method:
+    """Completion training (`run.task: completion`); `student` is stage 1, the model `model:` describes."""
+    cfg = config.completion
     if config.data.val_split is not None:
         raise UserError(
-            f"data.val_split={config.data.val_split!r}: kd.method=completion cannot validate during training (the "
+            f"data.val_split={config.data.val_split!r}: run.task=completion cannot validate during training (the "
             "validator feeds images only); set data.val_split=null and evaluate with benchmarks/completion.py"
         )
     if not config.data.lidar_beams:
-        raise UserError("kd.method=completion needs sparse LiDAR depth: set data.lidar_beams (64, 32, 16 or a list)")
+        raise UserError("run.task=completion needs sparse LiDAR depth: set data.lidar_beams (64, 32, 16 or a list)")
     if config.model.weights is None:
-        tqdm.write("kd.method=completion: model.weights is null, so stage 1 is a random-init model")
+        tqdm.write("run.task=completion: model.weights is null, so stage 1 is a random-init model")
     mono = student.eval().requires_grad_(False)
     network = CompletionNet(
         cfg.widths, cfg.output_stride, config.model.min_depth, config.model.max_depth, lidar_gate=cfg.lidar_gate
