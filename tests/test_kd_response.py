@@ -20,7 +20,7 @@ from distill.kd.response import LOSSES, response_loss
 from distill.losses import silog_loss
 from distill.models import build_student
 from distill.models.base import DepthOutput
-from distill.models.external import write_precomputed
+from distill.models.teachers.precomputed import write_precomputed
 from distill.train import run_training
 
 

@@ -76,7 +76,7 @@ def load_teacher(config: Config, device: torch.device) -> DepthModel:
 
 
 def is_precomputed(teacher: DepthModel) -> bool:
-    from distill.models.external import PrecomputedTeacher
+    from distill.models.teachers.precomputed import PrecomputedTeacher
 
     return isinstance(teacher, PrecomputedTeacher)
 
