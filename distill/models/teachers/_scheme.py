@@ -104,12 +104,12 @@ def _as_text(value: Any) -> str:
 
 
 def parse_output_kind(text: str) -> str:
-    """ "metric", "relative_depth" or "relative_disparity": overrides the kind the model declares."""
+    """The output kind `text` names; ValueError unless it is metric, relative_depth or relative_disparity."""
     if text not in get_args(OutputKind):
         raise ValueError(f"output_kind must be one of {', '.join(get_args(OutputKind))}, got {text!r}")
     return text
 
 
 OUTPUT_KIND = Option(
-    "output_kind", parse_output_kind, "what the depth is: metric, relative_depth or relative_disparity"
+    "output_kind", parse_output_kind, "metric, relative_depth or relative_disparity; overrides what the model declares"
 )
