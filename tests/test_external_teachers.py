@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import cv2
 import numpy as np
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from depth_node.metadata import ModelMetadata
+from distill.cli import main as cli_main
 from distill.errors import UserError
 from distill.models.teachers import TEACHERS, build_teacher
 from distill.models.teachers.precomputed import precomputed_path, write_precomputed
@@ -156,6 +158,92 @@ def test_external_schemes_take_a_path_and_declare_their_options(prefix):
     assert scheme.path and all(option.meaning for option in scheme.options)
     expected = {"hf": ["output_kind", "size"], "onnx": ["output_kind", "min_depth", "max_depth", "device"]}
     assert [option.name for option in scheme.options] == expected.get(prefix, [])
+
+
+def save_glpn(folder, depths=(1, 1, 1, 1)):
+    """A tiny random-init GLPN (metric, no patch size), saved without preprocessor_config.json."""
+    config = transformers.GLPNConfig(
+        depths=list(depths), sr_ratios=[8, 4, 2, 1], hidden_sizes=[8, 16, 24, 32], num_attention_heads=[1, 1, 1, 1],
+        mlp_ratios=[2, 2, 2, 2], decoder_hidden_size=16, max_depth=10,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.GLPNForDepthEstimation(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def glpn(tmp_path_factory):
+    return save_glpn(tmp_path_factory.mktemp("glpn"))
+
+
+def test_hf_glpn_without_processor_runs_at_multiples_of_32(glpn, capsys):
+    teacher = external(f"hf:{glpn}")
+    assert teacher.output_kind == "metric" and teacher.mean == (0.0,) * 3 and teacher.std == (1.0,) * 3
+    assert teacher.internal_size(100, 150) == (96, 160)  # GLPNImageProcessor's default size_divisor
+    with torch.no_grad():
+        out = teacher(torch.rand(1, 3, 100, 150))
+    assert out.depth.shape == (1, 1, 100, 150) and torch.isfinite(out.depth).all()
+    assert cli_main(["info", f"hf:{glpn}", "--size", "100x150"]) == 0
+    assert "total" in capsys.readouterr().out
+
+
+def _truncate(folder):
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+def _damage_header(folder):
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8:16] = b"\xff" * 8  # the JSON header's opening bytes
+    weights.write_bytes(bytes(data))
+
+
+def _edit_config(**changes):
+    def edit(folder):
+        path = folder / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+    return edit
+
+
+def _replace_with_bert(folder):
+    shutil.rmtree(folder)
+    transformers.BertConfig(
+        vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8
+    ).save_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        (_truncate, "safetensors weights are truncated or damaged (Error while deserializing header"),
+        (_damage_header, "safetensors weights are truncated or damaged (Error while deserializing header"),
+        (_edit_config(hidden_sizes=[8, 16, 24, 40]), "do not match config.json: 25 tensors have another shape (e.g."),
+        (_edit_config(depths=[1, 1, 1, 2]), "do not match config.json: 18 of the model's tensors are missing (e.g."),
+        (_edit_config(model_type="glpnx"), "model_type 'glpnx' is unknown to transformers"),
+        (_replace_with_bert, "a 'bert' model is not a depth-estimation model (depth models: "),
+        (_edit_config(hidden_sizes="wide"), "invalid config (Validation error for field 'hidden_sizes'"),
+    ],
+    ids=["truncated", "damaged-header", "shape-mismatch", "missing-tensors", "unknown-type", "not-depth", "bad-field"],
+)
+def test_broken_hf_folders_are_one_line_errors(glpn, tmp_path, capsys, damage, problem):
+    folder = tmp_path / "teacher"
+    shutil.copytree(glpn, folder)
+    damage(folder)
+    assert cli_main(["info", f"hf:{folder}", "--size", "64x64"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"distill info: error: {folder}") and problem in err
+
+
+def test_unused_saved_tensors_warn_in_one_line(tmp_path, caplog):
+    folder = save_glpn(tmp_path / "deeper", depths=(1, 1, 1, 2))
+    _edit_config(depths=[1, 1, 1, 1])(folder)  # the saved fourth stage's second block is left over
+    teacher = external(f"hf:{folder}")
+    assert teacher.output_kind == "metric"
+    unused = "18 saved tensors are not used by config.json's model (e.g. glpn.encoder.block.3.1.attention.output.dense"
+    assert [r.getMessage() for r in caplog.records] == [f"{folder}: {unused}.bias)"]
 
 
 class TinyDepth(nn.Module):

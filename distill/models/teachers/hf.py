@@ -6,14 +6,17 @@ teacher gives depth and, as features, the 4 backbone stages the model's own deco
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from distill.errors import UserError
+from depth_node.metadata import error_summary
+from distill.errors import UserError, did_you_mean
 from distill.models.base import IMAGENET_MEAN, IMAGENET_STD, DepthModel, DepthOutput
 from distill.models.teachers._external import nearest_multiple, read_json, resize
 from distill.models.teachers._scheme import OUTPUT_KIND, Option, register_teacher
@@ -22,8 +25,15 @@ from distill.parsing import parse_size
 # Families whose predicted_depth is in metres; the others (DPT/MiDaS, relative Depth Anything, Depth Pro's
 # canonical inverse depth) predict relative disparity.
 HF_METRIC_TYPES = ("glpn", "zoedepth")
-# Normalisation of families whose folder lacks preprocessor_config.json (from their image processors' defaults).
-HF_DEFAULT_MEAN_STD = {"dpt": ((0.5,) * 3, (0.5,) * 3), "glpn": ((0.0,) * 3, (1.0,) * 3)}
+# What a folder without preprocessor_config.json gets: its family's image processor defaults (DPTImageProcessor
+# normalises with 0.5; GLPNImageProcessor does not normalise and rounds sizes to multiples of 32, which its decoder
+# needs). Other families: ImageNet mean/std, sizes in multiples of the patch size.
+HF_DEFAULT_PROCESSORS = {
+    "dpt": {"image_mean": [0.5] * 3, "image_std": [0.5] * 3},
+    "glpn": {"do_normalize": False, "size_divisor": 32},
+}
+
+log = logging.getLogger(__name__)
 
 
 def tokens_to_map(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -65,10 +75,12 @@ class HFTeacher(DepthModel):
         self.model = _load_hf_model(folder).eval()
         config = self.model.config
         processor_path = folder / "preprocessor_config.json"
-        processor = read_json(processor_path) if processor_path.is_file() else None
+        processor = (
+            read_json(processor_path) if processor_path.is_file() else HF_DEFAULT_PROCESSORS.get(config.model_type)
+        )
         metric = getattr(config, "depth_estimation_type", None) == "metric" or config.model_type in HF_METRIC_TYPES
         self.output_kind = kind or ("metric" if metric else "relative_disparity")
-        self.mean, self.std = _hf_mean_std(config.model_type, processor)
+        self.mean, self.std = _hf_mean_std(processor)
         self.patch_size = _hf_patch_size(config)
         self.multiple = math.lcm(
             self.patch_size, *(int((processor or {}).get(key) or 1) for key in ("ensure_multiple_of", "size_divisor"))
@@ -119,20 +131,105 @@ class HFTeacher(DepthModel):
 
 
 def _load_hf_model(folder: Path) -> torch.nn.Module:
+    """The depth-estimation model saved in `folder`, all its weights loaded; any problem with the folder is a
+    one-line UserError naming it (transformers' own messages and load reports span many lines)."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForDepthEstimation  # lazy: transformers takes seconds to import
 
-    if not (folder / "config.json").is_file():
-        raise UserError(f"{folder}: not a Hugging Face model folder (no config.json); save one with save_pretrained")
+    config = _read_hf_config(folder)
     try:
-        # float32 whatever the saved dtype: inputs come as float32; callers wanting fp16 use autocast.
-        return AutoModelForDepthEstimation.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as error:
-        raise UserError(f"{folder}: cannot load a depth-estimation model ({error})") from None
+        with _quiet_transformers():
+            # float32 whatever the saved dtype: inputs come as float32; callers wanting fp16 use autocast.
+            model, loading = AutoModelForDepthEstimation.from_pretrained(
+                folder,
+                config=config,
+                local_files_only=True,
+                dtype=torch.float32,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
+            )
+    except SafetensorError as error:
+        raise UserError(
+            f"{folder}: the safetensors weights are truncated or damaged ({error_summary(error)})"
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+        raise UserError(f"{folder}: cannot load a depth-estimation model ({error_summary(error)})") from None
+    _check_loaded_weights(folder, loading)
+    return model
 
 
-def _hf_mean_std(model_type: str, processor: dict | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _read_hf_config(folder: Path) -> Any:
+    """The folder's config.json as a transformers config; UserError if it is missing or invalid, or if its
+    model_type is unknown to transformers or not a depth-estimation model."""
+    from transformers import AutoConfig, __version__
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_DEPTH_ESTIMATION_MAPPING_NAMES as DEPTH_MODELS
+
+    path = folder / "config.json"
+    if not path.is_file():
+        raise UserError(f"{folder}: not a Hugging Face model folder (no config.json); save one with save_pretrained")
+    config = read_json(path)
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if not isinstance(model_type, str):
+        raise UserError(f"{path}: no model_type; save the model with save_pretrained")
+    if model_type not in CONFIG_MAPPING_NAMES:
+        raise UserError(
+            f"{path}: model_type {model_type!r} is unknown to transformers {__version__}"
+            f"{did_you_mean(model_type, DEPTH_MODELS)} (depth models: {', '.join(DEPTH_MODELS)})"
+        )
+    if model_type not in DEPTH_MODELS:
+        raise UserError(
+            f"{path}: a {model_type!r} model is not a depth-estimation model (depth models: {', '.join(DEPTH_MODELS)})"
+        )
+    try:
+        with _quiet_transformers():
+            return AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as error:  # transformers and huggingface_hub validate fields with their own error types
+        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        raise UserError(f"{path}: invalid config ({message or type(error).__name__})") from None
+
+
+def _check_loaded_weights(folder: Path, loading: dict[str, Any]) -> None:
+    """Refuse weights that leave parts of the model config.json describes unloaded; warn of unused ones."""
+    mismatched = sorted(loading["mismatched_keys"], key=str)
+    if mismatched:
+        key, saved, expected = mismatched[0]
+        raise UserError(
+            f"{folder}: the weights do not match config.json: {len(mismatched)} tensors have another shape "
+            f"(e.g. {key}: {tuple(saved)} saved, {tuple(expected)} in config.json's model)"
+        )
+    missing = sorted(loading["missing_keys"])
+    if missing:
+        raise UserError(
+            f"{folder}: the weights do not match config.json: {len(missing)} of the model's tensors are missing "
+            f"(e.g. {missing[0]})"
+        )
+    unexpected = sorted(loading["unexpected_keys"])
+    if unexpected:
+        log.warning(
+            "%s: %d saved tensors are not used by config.json's model (e.g. %s)", folder, len(unexpected), unexpected[0]
+        )
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' progress bars and load reports: `_load_hf_model` reports problems in one line."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _hf_mean_std(processor: dict | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
     if processor is None:
-        return HF_DEFAULT_MEAN_STD.get(model_type, (IMAGENET_MEAN, IMAGENET_STD))
+        return IMAGENET_MEAN, IMAGENET_STD
     if processor.get("do_normalize", True) and "image_mean" in processor and "image_std" in processor:
         return tuple(processor["image_mean"]), tuple(processor["image_std"])
     return (0.0,) * 3, (1.0,) * 3
