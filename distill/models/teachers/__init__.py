@@ -7,9 +7,9 @@
     precomputed:<dir>      depth maps cached as files (reader and writer)               precomputed.py
 
 Options (a scheme's list: `TEACHERS.get(prefix).options`) follow "?" in file and folder specs, joined by "&", or
-come as keywords (a config's teacher block); an unknown one is a UserError naming close matches and the scheme's
-list. The spec grammar and the registry live in `_scheme.py`; a new teacher kind is one new file registering itself
-with `register_teacher`, imported below.
+come as keywords to `build_teacher` (a checkpoint's stored spec); an unknown one is a UserError naming close
+matches and the scheme's list. The spec grammar and the registry live in `_scheme.py`; a new teacher kind is one
+new file registering itself with `register_teacher`, imported below.
 """
 
 from __future__ import annotations

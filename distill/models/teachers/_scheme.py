@@ -1,9 +1,10 @@
 """The teacher spec grammar and the registry each scheme file adds itself to, with the options it declares.
 
 A spec is `<prefix>:<name>`. Schemes whose name is a file or folder also take options after it,
-`<prefix>:<path>?key=value&key=value`; every scheme takes its options as keywords too (a config's teacher block,
-a checkpoint's stored spec), which override the spec's. Option values are text as a spec writes them (a list
-[H, W] is written HxW); each option's parser turns the text into the value its builder receives.
+`<prefix>:<path>?key=value&key=value`. Every scheme takes its options as keywords too, `build_teacher(spec,
+**options)` (a checkpoint's stored spec; model.encoder_weights when training a teacher), overriding the spec's.
+Option values are text as a spec writes them (a list [H, W] is written HxW); each option's parser turns the text
+into the value its builder receives.
 """
 
 from __future__ import annotations
