@@ -55,7 +55,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_cache(args: argparse.Namespace) -> int:
     from distill.kd.cache import run_cache
 
-    run_cache(args.config, args.overrides, out=args.out, splits=args.splits, features=args.features, fmt=args.fmt)
+    run_cache(args.config, args.overrides, out=args.out, splits=args.splits, fmt=args.fmt)
     return 0
 
 
@@ -130,7 +130,6 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("overrides", nargs="*", help="key=value overrides, e.g. teacher.weights=runs/teacher-vit")
     cache.add_argument("--out", type=Path, default=None, help="cache folder (default: run.out_dir/<run.name>-teacher)")
     cache.add_argument("--splits", nargs="+", default=None, help="splits to cache (default: data.train_split)")
-    cache.add_argument("--features", action="store_true", help="also cache the teacher's feature maps")
     cache.add_argument("--fmt", choices=["npy", "png"], default="npy")
     cache.set_defaults(func=cmd_cache)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import cv2
 import numpy as np
@@ -14,8 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from depth_node.metadata import ModelMetadata
+from distill.cli import main as cli_main
 from distill.errors import UserError
-from distill.models.external import build_external_teacher, precomputed_path, write_precomputed
+from distill.models.teachers import TEACHERS, build_teacher
+from distill.models.teachers.precomputed import precomputed_path, write_precomputed
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
@@ -23,6 +26,12 @@ transformers = pytest.importorskip("transformers")
 # The brief pins the TorchScript exporter (dynamo=False), which torch now marks deprecated.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
+EXTERNAL_SCHEMES = ("hf", "onnx", "precomputed")
+
+
+def external(spec: str, **kw):
+    """`build_teacher` for teachers that take any input size (their img_size is unused)."""
+    return build_teacher(spec, img_size=(28, 42), **kw)
 
 
 def tiny_dinov2(**kw) -> transformers.Dinov2Config:
@@ -53,7 +62,7 @@ def da_metric(tmp_path_factory):
 
 
 def test_hf_depth_anything_metric_any_size(da_metric):
-    teacher = build_external_teacher(f"hf:{da_metric}", min_depth=0.1, max_depth=80.0)
+    teacher = external(f"hf:{da_metric}", min_depth=0.1, max_depth=80.0)
     assert teacher.output_kind == "metric"
     assert teacher.max_depth == 20.0  # the config's max_depth wins over the caller's default
     assert teacher.mean == IMAGENET_MEAN
@@ -67,7 +76,7 @@ def test_hf_depth_anything_metric_any_size(da_metric):
 
 
 def test_hf_features_are_the_backbone_stages_the_neck_reads(da_metric):
-    teacher = build_external_teacher(f"hf:{da_metric}")
+    teacher = external(f"hf:{da_metric}")
     x = torch.randn(1, 3, 28, 42)
     with torch.no_grad():
         out = teacher(x)
@@ -81,15 +90,13 @@ def test_hf_features_are_the_backbone_stages_the_neck_reads(da_metric):
 
 def test_hf_relative_model_reads_processor_and_kind_override(tmp_path):
     folder = save_depth_anything(tmp_path / "da_rel", "relative", processor=True)
-    teacher = build_external_teacher(f"hf:{folder}")
+    teacher = external(f"hf:{folder}")
     assert teacher.output_kind == "relative_disparity"
     assert teacher.mean == (0.4, 0.4, 0.4) and teacher.std == (0.2, 0.2, 0.2)
     assert teacher.internal_size(352, 1216) == (350, 1218)  # nearest multiples of 14 (keep_aspect_ratio)
-    assert build_external_teacher(f"hf:{folder}?output_kind=relative_depth").output_kind == "relative_depth"
-    assert build_external_teacher(f"hf:{folder}?size=56x84").internal_size(352, 1216) == (56, 84)
-    from_config = build_external_teacher(
-        f"hf:{folder}", output_kind="metric", size=[42, 70]
-    )  # a config's teacher options
+    assert external(f"hf:{folder}?output_kind=relative_depth").output_kind == "relative_depth"
+    assert external(f"hf:{folder}?size=56x84").internal_size(352, 1216) == (56, 84)
+    from_config = external(f"hf:{folder}", output_kind="metric", size=[42, 70])  # a config's teacher options
     assert from_config.output_kind == "metric" and from_config.internal_size(352, 1216) == (42, 70)
 
 
@@ -100,7 +107,7 @@ def test_hf_dpt_vit_fixed_size(tmp_path):
     )  # fmt: skip
     transformers.DPTForDepthEstimation(config).save_pretrained(tmp_path)
     transformers.DPTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
-    teacher = build_external_teacher(f"hf:{tmp_path}")
+    teacher = external(f"hf:{tmp_path}")
     assert teacher.output_kind == "relative_disparity"
     assert teacher.mean == (0.5, 0.5, 0.5) and teacher.std == (0.5, 0.5, 0.5)
     with torch.no_grad():
@@ -121,7 +128,7 @@ def test_hf_dpt_hybrid_fixed_size_and_conv_stages(tmp_path):
         neck_ignore_stages=[0, 1], readout_type="project",
     )  # fmt: skip
     transformers.DPTForDepthEstimation(config).save_pretrained(tmp_path)
-    teacher = build_external_teacher(f"hf:{tmp_path}")
+    teacher = external(f"hf:{tmp_path}")
     with torch.no_grad():
         out = teacher(torch.randn(1, 3, 48, 80))  # the hybrid only takes its 64x64 image size
     assert out.depth.shape == (1, 1, 48, 80) and torch.isfinite(out.depth).all()
@@ -130,13 +137,113 @@ def test_hf_dpt_hybrid_fixed_size_and_conv_stages(tmp_path):
 
 def test_bad_specs_are_user_errors(tmp_path, da_metric):
     with pytest.raises(UserError, match="did you mean 'output_kind'"):
-        build_external_teacher(f"hf:{da_metric}?output_knid=metric")
+        external(f"hf:{da_metric}?output_knid=metric")
     with pytest.raises(UserError, match="output_kind must be one of"):
-        build_external_teacher(f"hf:{da_metric}?output_kind=metres")
+        external(f"hf:{da_metric}?output_kind=metres")
     with pytest.raises(UserError, match="config.json"):
-        build_external_teacher(f"hf:{tmp_path / 'nowhere'}")
-    with pytest.raises(UserError, match="must look like"):
-        build_external_teacher("torchhub:x")
+        external(f"hf:{tmp_path / 'nowhere'}")
+    with pytest.raises(UserError, match=r"size must be HEIGHTxWIDTH"):
+        external(f"hf:{da_metric}?size=big")
+    with pytest.raises(UserError, match=r"options must look like \?key=value&key=value"):
+        external(f"hf:{da_metric}?size")
+    with pytest.raises(UserError, match=r"unknown option 'size' \(options: none\)"):
+        external(f"precomputed:{tmp_path}?size=4x4")
+    with pytest.raises(UserError, match=r"unknown option 'encoder_weights'.*options: output_kind, size\)"):
+        external(f"hf:{da_metric}", encoder_weights=tmp_path / "w.safetensors")  # a config's model.encoder_weights
+
+
+@pytest.mark.parametrize("prefix", EXTERNAL_SCHEMES)
+def test_external_schemes_take_a_path_and_declare_their_options(prefix):
+    scheme = TEACHERS.get(prefix)
+    assert scheme.path and all(option.meaning for option in scheme.options)
+    expected = {"hf": ["output_kind", "size"], "onnx": ["output_kind", "min_depth", "max_depth", "device"]}
+    assert [option.name for option in scheme.options] == expected.get(prefix, [])
+
+
+def save_glpn(folder, depths=(1, 1, 1, 1)):
+    """A tiny random-init GLPN (metric, no patch size), saved without preprocessor_config.json."""
+    config = transformers.GLPNConfig(
+        depths=list(depths), sr_ratios=[8, 4, 2, 1], hidden_sizes=[8, 16, 24, 32], num_attention_heads=[1, 1, 1, 1],
+        mlp_ratios=[2, 2, 2, 2], decoder_hidden_size=16, max_depth=10,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.GLPNForDepthEstimation(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def glpn(tmp_path_factory):
+    return save_glpn(tmp_path_factory.mktemp("glpn"))
+
+
+def test_hf_glpn_without_processor_runs_at_multiples_of_32(glpn, capsys):
+    teacher = external(f"hf:{glpn}")
+    assert teacher.output_kind == "metric" and teacher.mean == (0.0,) * 3 and teacher.std == (1.0,) * 3
+    assert teacher.internal_size(100, 150) == (96, 160)  # GLPNImageProcessor's default size_divisor
+    with torch.no_grad():
+        out = teacher(torch.rand(1, 3, 100, 150))
+    assert out.depth.shape == (1, 1, 100, 150) and torch.isfinite(out.depth).all()
+    assert cli_main(["info", f"hf:{glpn}", "--size", "100x150"]) == 0
+    assert "total" in capsys.readouterr().out
+
+
+def _truncate(folder):
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+def _damage_header(folder):
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8:16] = b"\xff" * 8  # the JSON header's opening bytes
+    weights.write_bytes(bytes(data))
+
+
+def _edit_config(**changes):
+    def edit(folder):
+        path = folder / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+    return edit
+
+
+def _replace_with_bert(folder):
+    shutil.rmtree(folder)
+    transformers.BertConfig(
+        vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8
+    ).save_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        (_truncate, "safetensors weights are truncated or damaged (Error while deserializing header"),
+        (_damage_header, "safetensors weights are truncated or damaged (Error while deserializing header"),
+        (_edit_config(hidden_sizes=[8, 16, 24, 40]), "do not match config.json: 25 tensors have another shape (e.g."),
+        (_edit_config(depths=[1, 1, 1, 2]), "do not match config.json: 18 of the model's tensors are missing (e.g."),
+        (_edit_config(model_type="glpnx"), "model_type 'glpnx' is unknown to transformers"),
+        (_replace_with_bert, "a 'bert' model is not a depth-estimation model (depth models: "),
+        (_edit_config(hidden_sizes="wide"), "invalid config (Validation error for field 'hidden_sizes'"),
+    ],
+    ids=["truncated", "damaged-header", "shape-mismatch", "missing-tensors", "unknown-type", "not-depth", "bad-field"],
+)
+def test_broken_hf_folders_are_one_line_errors(glpn, tmp_path, capsys, damage, problem):
+    folder = tmp_path / "teacher"
+    shutil.copytree(glpn, folder)
+    damage(folder)
+    assert cli_main(["info", f"hf:{folder}", "--size", "64x64"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"distill info: error: {folder}") and problem in err
+
+
+def test_unused_saved_tensors_warn_in_one_line(tmp_path, caplog):
+    folder = save_glpn(tmp_path / "deeper", depths=(1, 1, 1, 2))
+    _edit_config(depths=[1, 1, 1, 1])(folder)  # the saved fourth stage's second block is left over
+    teacher = external(f"hf:{folder}")
+    assert teacher.output_kind == "metric"
+    unused = "18 saved tensors are not used by config.json's model (e.g. glpn.encoder.block.3.1.attention.output.dense"
+    assert [r.getMessage() for r in caplog.records] == [f"{folder}: {unused}.bias)"]
 
 
 class TinyDepth(nn.Module):
@@ -166,7 +273,7 @@ def export_tiny(path, size=(16, 24), dynamic=False, metadata=None):
 def test_onnx_static_without_metadata(tmp_path):
     path = tmp_path / "tiny.onnx"
     model = export_tiny(path)
-    teacher = build_external_teacher(f"onnx:{path}", min_depth=0.5, max_depth=50.0)
+    teacher = external(f"onnx:{path}", min_depth=0.5, max_depth=50.0)
     assert teacher.output_kind == "metric" and teacher.mean == IMAGENET_MEAN
     assert (teacher.min_depth, teacher.max_depth) == (0.5, 50.0)
     x = torch.randn(3, 3, 32, 48)  # batch 3 through a batch-1 model, twice its size
@@ -185,7 +292,7 @@ def test_onnx_metadata_and_dynamic_size(tmp_path):
         output_kind="relative_disparity", min_depth=0.01, max_depth=10.0,
     )  # fmt: skip
     model = export_tiny(path, dynamic=True, metadata=meta.to_json())
-    teacher = build_external_teacher(f"onnx:{path}")
+    teacher = external(f"onnx:{path}")
     assert teacher.mean == (0.5,) * 3 and teacher.std == (0.25,) * 3
     assert teacher.output_kind == "relative_disparity" and teacher.max_depth == 10.0
     x = torch.randn(2, 3, 20, 28)
@@ -196,7 +303,7 @@ def test_onnx_metadata_and_dynamic_size(tmp_path):
             model(F.interpolate(odd, size=(20, 28), mode="bilinear")), size=(21, 29), mode="bilinear"
         )
         torch.testing.assert_close(teacher(odd).depth, expected, atol=1e-5, rtol=1e-5)
-    overridden = build_external_teacher(f"onnx:{path}?output_kind=metric&max_depth=80", max_depth=50)  # spec wins
+    overridden = external(f"onnx:{path}?output_kind=metric&max_depth=80", max_depth=50)  # spec wins
     assert overridden.output_kind == "metric" and overridden.max_depth == 80.0
 
 
@@ -204,16 +311,25 @@ def test_onnx_invalid_metadata(tmp_path):
     path = tmp_path / "bad_meta.onnx"
     export_tiny(path, metadata=json.dumps({"mean": [0.5] * 3}))
     with pytest.raises(UserError, match=r"bad_meta\.onnx.*lacks"):
-        build_external_teacher(f"onnx:{path}")
+        external(f"onnx:{path}")
+
+
+def test_onnx_bad_options(tmp_path):
+    path = tmp_path / "tiny.onnx"
+    export_tiny(path)
+    with pytest.raises(UserError, match="max_depth must be a number, got 'far'"):
+        external(f"onnx:{path}?max_depth=far")
+    with pytest.raises(UserError, match="device must be cpu or cuda, got 'gpu'"):
+        external(f"onnx:{path}", device="gpu")
 
 
 def test_onnx_bad_files(tmp_path):
     with pytest.raises(UserError, match="not found"):
-        build_external_teacher(f"onnx:{tmp_path / 'missing.onnx'}")
+        external(f"onnx:{tmp_path / 'missing.onnx'}")
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not a protobuf")
     with pytest.raises(UserError, match="broken.onnx"):
-        build_external_teacher(f"onnx:{broken}")
+        external(f"onnx:{broken}")
 
 
 def test_precomputed_npy_and_png(tmp_path):
@@ -224,11 +340,11 @@ def test_precomputed_npy_and_png(tmp_path):
     write_precomputed(tmp_path / "png", names, metric, "metric", fmt="png")
     assert precomputed_path(tmp_path / "npy", names[0], ".npy").name == "2011_09_26_drive_0001__0000000005.npy"
     x = torch.zeros(2, 3, 12, 20)
-    from_npy = build_external_teacher(f"precomputed:{tmp_path / 'npy'}")(x, names).depth
-    from_png = build_external_teacher(f"precomputed:{tmp_path / 'png'}")(x, names).depth
+    from_npy = external(f"precomputed:{tmp_path / 'npy'}")(x, names).depth
+    from_png = external(f"precomputed:{tmp_path / 'png'}")(x, names).depth
     np.testing.assert_array_equal(from_npy[:, 0].numpy(), metric)
     assert np.abs(from_png[:, 0].numpy() - metric).max() <= 0.5 / 256 + 1e-6  # uint16 metres x 256
-    resized = build_external_teacher(f"precomputed:{tmp_path / 'npy'}")(torch.zeros(2, 3, 24, 40), names).depth
+    resized = external(f"precomputed:{tmp_path / 'npy'}")(torch.zeros(2, 3, 24, 40), names).depth
     assert resized.shape == (2, 1, 24, 40)
     expected = F.interpolate(torch.from_numpy(metric)[:, None], size=(24, 40), mode="bilinear")
     torch.testing.assert_close(resized, expected)
@@ -239,15 +355,15 @@ def test_precomputed_reads_kitti_png_with_holes(tmp_path):
     raw[1, 2] = 256 * 12
     cv2.imwrite(str(tmp_path / "frame.png"), raw)
     (tmp_path / "teacher.json").write_text(json.dumps({"output_kind": "metric", "max_depth": 80}))
-    depth = build_external_teacher(f"precomputed:{tmp_path}")(torch.zeros(1, 3, 8, 12), ["frame"]).depth
+    depth = external(f"precomputed:{tmp_path}")(torch.zeros(1, 3, 8, 12), ["frame"]).depth
     assert depth[0, 0, 2, 4] == 12.0 and set(depth.unique().tolist()) == {0.0, 12.0}  # nearest keeps holes
 
 
 def test_precomputed_errors(tmp_path):
     with pytest.raises(UserError, match="teacher.json"):
-        build_external_teacher(f"precomputed:{tmp_path}")
+        external(f"precomputed:{tmp_path}")
     write_precomputed(tmp_path, ["a"], [np.ones((4, 4))], "relative_depth")
-    teacher = build_external_teacher(f"precomputed:{tmp_path}")
+    teacher = external(f"precomputed:{tmp_path}")
     assert teacher.output_kind == "relative_depth"
     with pytest.raises(UserError, match=r"drive__0001\.npy.*write_precomputed"):
         teacher(torch.zeros(1, 3, 4, 4), ["drive/0001"])

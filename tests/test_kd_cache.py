@@ -15,7 +15,7 @@ from distill.config import data_dict, load_config
 from distill.data import build_dataset
 from distill.data.synth import write_world
 from distill.errors import UserError
-from distill.kd.cache import cache_teacher, read_features, write_features
+from distill.kd.cache import cache_teacher
 from distill.kd.registry import build_method
 from distill.kd.teacher import DistillMethod
 from distill.models import build_student, build_teacher
@@ -62,29 +62,6 @@ def test_cached_maps_are_the_teachers_maps(tmp_path, world, onnx_file):
     names = [s["meta"]["name"] for s in samples]
     expected = live(live.normalize(images)).depth
     assert torch.allclose(cached(images, names=names).depth, expected, atol=1e-5)
-
-
-def test_feature_cache_of_a_transformer_teacher(tmp_path, world, onnx_file):
-    exp = experiment(tmp_path, world, onnx_file)
-    with pytest.raises(UserError, match="gives no feature maps"):
-        cache_teacher(load_config(exp, []), tmp_path / "black-box", ["test"], features=True)
-    config = load_config(exp, ["teacher.spec=timm:vit_tiny_patch16_224", "data.size=[32, 64]"])
-    cache_teacher(config, tmp_path / "vit", ["test"], features=True)
-    name = build_dataset(data_dict(config), "test", augment=False)[0]["meta"]["name"]
-    features = read_features(tmp_path / "vit", name)
-    teacher = build_teacher("timm:vit_tiny_patch16_224", img_size=(32, 64))
-    assert [f.shape[0] for f in features] == teacher.feature_channels()
-    assert [round(32 / f.shape[1]) for f in features] == teacher.feature_reductions()
-
-
-def test_features_round_trip_as_float16(tmp_path):
-    features = [torch.randn(2, 4, 8, 8), torch.randn(2, 16, 2, 2)]
-    write_features(tmp_path, ["drive/a", "drive/b"], features)
-    back = read_features(tmp_path, "drive/b")
-    assert [f.shape for f in back] == [(4, 8, 8), (16, 2, 2)] and back[0].dtype == torch.float32
-    assert torch.allclose(back[1], features[1][1], atol=1e-2)
-    with pytest.raises(UserError, match="no cached teacher features"):
-        read_features(tmp_path, "drive/c")
 
 
 def test_cli_caches_and_prints_how_to_train_from_it(tmp_path, world, onnx_file, capsys):

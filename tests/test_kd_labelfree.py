@@ -26,7 +26,7 @@ from distill.kd.labelfree import (
 from distill.kd.registry import build_method
 from distill.models import build_student
 from distill.models.base import DepthOutput
-from distill.models.external import write_precomputed
+from distill.models.teachers.precomputed import write_precomputed
 
 REPO = Path(__file__).resolve().parents[1]
 K = torch.tensor([[100.0, 0.0, 10.0], [0.0, 50.0, 5.0], [0.0, 0.0, 1.0]])

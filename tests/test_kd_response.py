@@ -21,7 +21,7 @@ from distill.kd.teacher import load_teacher
 from distill.losses import silog_loss
 from distill.models import build_student
 from distill.models.base import DepthOutput
-from distill.models.external import write_precomputed
+from distill.models.teachers.precomputed import write_precomputed
 from distill.train import run_training
 
 

@@ -131,6 +131,13 @@ def test_unknown_names_suggest_close_matches():
         build_teacher("hybrid:resnet18", img_size=(H, W))
     with pytest.raises(UserError, match="not a ViT/Swin-style transformer"):
         build_teacher("timm:resnet18", img_size=(H, W))
+    with pytest.raises(UserError, match=r"'reasemble'; did you mean 'reassemble'\? \(options: reassemble, encoder_w"):
+        build_teacher("timm:vit_tiny_patch16_224", img_size=(H, W), reasemble=False)
+    with pytest.raises(UserError, match="reassemble must be true or false, got 'maybe'"):
+        build_teacher("timm:vit_tiny_patch16_224", img_size=(H, W), reassemble="maybe")
+    with pytest.raises(UserError, match=r"unknown option 'reassemble' \(options: encoder_weights\)"):
+        build_model({"kind": "teacher", "spec": "hybrid:resnet18+vit_tiny_patch16_224", "img_size": [H, W],
+                     "reassemble": False})  # fmt: skip
 
 
 def test_external_prefixes_route_to_external_teachers(tmp_path):

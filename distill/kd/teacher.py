@@ -17,7 +17,7 @@ from distill.kd.alignment import align_to_reference
 from distill.kd.method import Batch, SupervisedMethod
 from distill.models import load_model
 from distill.models.base import DepthModel
-from distill.models.external import PrecomputedTeacher
+from distill.models.teachers.precomputed import PrecomputedTeacher
 
 RANDOM_INIT_PREFIXES = ("timm:", "hybrid:")  # specs whose models carry no weights of their own
 
