@@ -25,7 +25,8 @@ from torch import nn
 from distill.errors import UserError
 from distill.models.base import DepthModel, DepthOutput
 from distill.models.decoder import DepthHead
-from distill.models.registry import Registry, create_timm_model, timm_normalisation
+from distill.models.registry import create_timm_model, timm_normalisation
+from distill.registry import Registry
 
 STAGES = 4
 HYBRID_CNN_REDUCTIONS = (4, 8, 16)  # CNN stages used: two skips and the one the ViT tokenises
