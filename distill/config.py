@@ -2,7 +2,9 @@
 
 `config/default.yaml` is the single source of defaults (every key commented there); the pydantic models below give
 the types and reject unknown keys with a close-match suggestion. Every mistake becomes a one-line `UserError`
-naming the dotted key (`train.stpes: unknown key, did you mean train.steps?`).
+naming the dotted key (`train.stpes: unknown key, did you mean train.steps?`). The `data:` section is validated as
+the class its `kind` registered (distill/data/kinds/): default.yaml gives the keys every kind shares, and each kind's
+own keys take their defaults from its class.
 
 Adding a distillation method `foo`:
     1. write `class FooKD(Section)` with its typed fields below and add `foo: FooKD | None = None` to `KDConfig`;
@@ -13,14 +15,17 @@ Adding a distillation method `foo`:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
+from distill.data import DATASETS, DataConfig
+from distill.data.registry import config_class
 from distill.errors import UserError, did_you_mean
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "config" / "default.yaml"
@@ -39,31 +44,6 @@ class RunConfig(Section):
     device: Literal["auto", "cpu", "cuda"]
     resume: bool
     tensorboard: bool
-
-
-class DataConfig(Section):
-    kind: Literal["kitti", "nyu", "bag"]
-    root: Path | None
-    raw_root: Path | None
-    gt_root: Path | None
-    split_dir: Path | None
-    gt: Literal["annotated", "velodyne"]
-    size: tuple[int, int] | None
-    kb_crop: bool
-    lidar_beams: Literal[64, 32, 16, 8, 4] | list[Literal[64, 32, 16, 8, 4]] | None
-    bags: list[Path]
-    image_topic: str
-    camera_info_topic: str
-    lidar_topic: str | None
-    crop: tuple[int, int] | None
-    lidar_extrinsic: list[list[float]] | None
-    min_depth: float | None
-    max_depth: float | None
-    batch_size: int
-    num_workers: int
-    train_split: str
-    val_split: str | None
-    test_split: str
 
 
 class ModelConfig(Section):
@@ -207,7 +187,7 @@ class EvalConfig(Section):
 
 class Config(Section):
     run: RunConfig
-    data: DataConfig
+    data: SerializeAsAny[DataConfig]  # validated and saved as the class of its kind (distill.data.kinds)
     model: ModelConfig
     train: TrainConfig
     kd: KDConfig
@@ -280,7 +260,9 @@ def parse_override(text: str, current: Mapping) -> dict:
         raise UserError(f"override {key}: value {value_text!r} is not valid YAML") from None
     parts = key.split(".")
     if len(parts) == 1:
-        sections = [name for name, section in current.items() if isinstance(section, Mapping) and key in section]
+        sections = [
+            name for name, section in current.items() if isinstance(section, Mapping) and key in _keys(name, section)
+        ]
         if len(sections) > 1:
             raise UserError(f"override {key!r} is ambiguous: use one of {[f'{s}.{key}' for s in sections]}")
         parts = [sections[0], key] if sections else parts
@@ -289,21 +271,36 @@ def parse_override(text: str, current: Mapping) -> dict:
     return value
 
 
+def _keys(name: str, section: Mapping) -> set[str]:
+    """The keys a raw section has or may have: its own and, for `data`, every key of its dataset kind."""
+    keys = set(section)
+    if name == "data":
+        with contextlib.suppress(ValidationError):
+            keys |= set(config_class(section).model_fields)
+    return keys
+
+
 def validate(raw: Mapping) -> Config:
     """Type-check a merged config dict; all problems reported on one line, each naming its dotted key."""
     try:
         return Config.model_validate(raw)
     except ValidationError as error:
-        raise UserError("config: " + "; ".join(_describe(item) for item in error.errors())) from None
+        raise UserError("config: " + "; ".join(_describe(item, raw) for item in error.errors())) from None
 
 
-def _describe(item: Mapping[str, Any]) -> str:
-    """One pydantic error as `dotted.key: problem`."""
+def load_data_config(keys: Mapping[str, Any]) -> DataConfig:
+    """A `data:` section: config/default.yaml's updated by `keys` (values as YAML gives them, paths may be Paths),
+    validated as in `load_config` (mistakes are one-line UserErrors naming data.<key>); paths are not checked."""
+    return validate(deep_merge(read_yaml(DEFAULT_CONFIG), {"data": keys})).data
+
+
+def _describe(item: Mapping[str, Any], raw: Mapping) -> str:
+    """One pydantic error as `dotted.key: problem`; `raw` is the validated input (it picks the data kind's keys)."""
     loc = [str(part) for part in item["loc"] if not isinstance(part, int)]
     key = ".".join(loc)
     if item["type"] == "extra_forbidden":
-        choices = [".".join([*loc[:-1], name]) for name in _fields_at(loc[:-1])]
-        return f"{key}: unknown key{did_you_mean(key, choices)}"
+        choices = [".".join([*loc[:-1], name]) for name in _fields_at(loc[:-1], raw)]
+        return f"{key}: unknown key{_kind_hint(loc, raw) or did_you_mean(key, choices)}"
     message = item["msg"].removeprefix("Value error, ")
     if item["type"] == "missing":
         return f"{key}: missing (every key needs a value; see config/default.yaml)"
@@ -312,9 +309,11 @@ def _describe(item: Mapping[str, Any]) -> str:
     return f"{key}: {message}{shown}" if key else message
 
 
-def _fields_at(loc: Sequence[str]) -> list[str]:
-    """Field names of the section model at a path of field names (Config itself for [])."""
+def _fields_at(loc: Sequence[str], raw: Mapping) -> list[str]:
+    """Field names of the section model at a path of field names (Config itself for []); `data` is the class of
+    the kind `raw` names there."""
     model: type[BaseModel] = Config
+    value: Any = raw
     for name in loc:
         field = model.model_fields.get(name)
         if field is None:
@@ -323,25 +322,26 @@ def _fields_at(loc: Sequence[str]) -> list[str]:
         nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
         if not nested:
             return []
-        model = nested[0]
+        model, value = nested[0], value.get(name) if isinstance(value, Mapping) else None
+        if model is DataConfig and isinstance(value, Mapping):
+            with contextlib.suppress(ValidationError):
+                model = config_class(value)
     return list(model.model_fields)
 
 
-def fill_depth_ranges(config: Config) -> None:
-    """Null depth bounds follow the dataset kind's range (data) and then the data's range (model)."""
-    from distill.data import DEFAULT_DEPTH_RANGE
+def _kind_hint(loc: Sequence[str], raw: Mapping) -> str:
+    """ " for data.kind 'nyu' (a key of kitti)" when an unknown data key belongs to other dataset kinds."""
+    if len(loc) != 2 or loc[0] != "data":
+        return ""
+    owners = [name for name in DATASETS.names() if loc[1] in DATASETS.get(name).config.model_fields]
+    return f" for data.kind {raw['data'].get('kind')!r} (a key of {', '.join(owners)})" if owners else ""
 
-    low, high = DEFAULT_DEPTH_RANGE[config.data.kind]
+
+def fill_depth_ranges(config: Config) -> None:
+    """Null model depth bounds follow the data's (themselves the dataset kind's range when null)."""
     data, model = config.data, config.model
-    data.min_depth = low if data.min_depth is None else data.min_depth
-    data.max_depth = high if data.max_depth is None else data.max_depth
     model.min_depth = data.min_depth if model.min_depth is None else model.min_depth
     model.max_depth = data.max_depth if model.max_depth is None else model.max_depth
-
-
-def data_dict(config: Config) -> dict[str, Any]:
-    """The data section as `distill.data.build_dataset` takes it (paths as strings)."""
-    return config.data.model_dump(mode="json")
 
 
 def changed_keys(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:

@@ -303,12 +303,13 @@ def live_node(settings: DemoSettings, model: Path, results: dict) -> None:
 
 def kitti_frame(settings: DemoSettings, model: Path, results: dict) -> None:
     """The exported student on the real KITTI frame, scored against the official annotated ground truth."""
+    from distill.config import load_data_config
     from distill.data import build_dataset
     from distill.evaluate import evaluate, onnx_predictor
 
     root = settings.kitti
     data = {"kind": "kitti", "root": str(root), "raw_root": str(root), "gt_root": str(root / "data_depth_annotated")}
-    dataset = build_dataset(data, "test", augment=False)
+    dataset = build_dataset(load_data_config(data), "test", augment=False)
     predict, _ = onnx_predictor(model)
     scores = {align: evaluate(predict, dataset, crop="garg", align=None if align == "none" else align,
                               min_depth=1e-3, max_depth=80.0, paste_full=True, progress=False)

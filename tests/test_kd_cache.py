@@ -11,7 +11,7 @@ import yaml
 from test_kd_tiekd import export_onnx_teacher
 
 from distill.cli import main as cli_main
-from distill.config import data_dict, load_config
+from distill.config import load_config, load_data_config
 from distill.data import build_dataset
 from distill.data.synth import write_world
 from distill.errors import UserError
@@ -49,8 +49,8 @@ def test_cached_maps_are_the_teachers_maps(tmp_path, world, onnx_file):
     config = load_config(experiment(tmp_path, world, onnx_file), [])
     out = tmp_path / "cache"
     written = cache_teacher(config, out, ["train", "val"])
-    dataset = build_dataset(data_dict(config), "train", augment=False)
-    val = build_dataset(data_dict(config), "val", augment=False)
+    dataset = build_dataset(config.data, "train", augment=False)
+    val = build_dataset(config.data, "val", augment=False)
     assert written == len(dataset) + len(val)
     assert cache_teacher(config, out, ["train"]) == 0  # everything cached already: nothing recomputed
 
@@ -70,7 +70,7 @@ def test_feature_cache_of_a_transformer_teacher(tmp_path, world, onnx_file):
         cache_teacher(load_config(exp, []), tmp_path / "black-box", ["test"], features=True)
     config = load_config(exp, ["teacher.spec=timm:vit_tiny_patch16_224", "data.size=[32, 64]"])
     cache_teacher(config, tmp_path / "vit", ["test"], features=True)
-    name = build_dataset(data_dict(config), "test", augment=False)[0]["meta"]["name"]
+    name = build_dataset(config.data, "test", augment=False)[0]["meta"]["name"]
     features = read_features(tmp_path / "vit", name)
     teacher = build_teacher("timm:vit_tiny_patch16_224", img_size=(32, 64))
     assert [f.shape[0] for f in features] == teacher.feature_channels()
@@ -92,7 +92,7 @@ def test_cli_caches_and_prints_how_to_train_from_it(tmp_path, world, onnx_file, 
     assert cli_main(["cache", str(exp), "--out", str(tmp_path / "c"), "--splits", "test"]) == 0
     printed = capsys.readouterr().out
     assert f"teacher.spec=precomputed:{tmp_path / 'c'} teacher.weights=null" in printed
-    test_frames = build_dataset({"kind": "kitti", "root": world}, "test", augment=False)
+    test_frames = build_dataset(load_data_config({"kind": "kitti", "root": world}), "test", augment=False)
     assert len(list((tmp_path / "c").glob("*.npy"))) == len(test_frames)
     assert (
         cli_main(["cache", str(exp), f"teacher.spec=precomputed:{tmp_path / 'c'}", "--out", str(tmp_path / "d")]) == 2
@@ -110,7 +110,7 @@ def test_cached_teacher_follows_flips_and_refuses_random_crops(tmp_path, world, 
         response.build_method(load_config(exp, [*overrides, "data.crop=[32, 32]"]), student, torch.device("cpu"))
     method = response.build_method(load_config(exp, overrides), student, torch.device("cpu"))
     assert isinstance(method, DistillMethod)
-    dataset = build_dataset(data_dict(config), "train", augment=False)
+    dataset = build_dataset(config.data, "train", augment=False)
     names = [dataset[i]["meta"]["name"] for i in range(2)]
     batch = {"image": torch.rand(2, 3, 32, 64), "meta": {"name": names, "hflip": torch.tensor([False, True])}}
     depth, usable = method.teacher_output(batch)

@@ -14,8 +14,8 @@ from rosbags.interfaces import QosDurability
 from rosbags.typesys import Stores, get_typestore
 
 from depth_node.geometry import points_to_depth_image, project_points, transform_points
-from distill.data import read_depth_png
 from distill.data.kitti import camera_projection, read_calib, read_split, read_velodyne, velodyne_to_rectified
+from distill.data.samples import read_depth_png
 from distill.data.synth import plan_drives, write_calib, write_world
 from distill.data.synth_bag import quaternion
 from distill.data.synth_calib import make_rig

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from distill.config import Config, data_dict, load_config
+from distill.config import Config, load_config
 from distill.errors import UserError
 from distill.kd.common import is_precomputed, load_teacher
 from distill.models.base import DepthModel, DepthOutput
@@ -92,7 +92,7 @@ def cache_teacher(config: Config, out: Path, splits: Sequence[str], *, features:
     suffixes = ["." + fmt, *([FEATURES_SUFFIX] if features else [])]
     written = 0
     for split in dict.fromkeys(splits):
-        dataset = build_dataset(data_dict(config), split, augment=False)
+        dataset = build_dataset(config.data, split, augment=False)
         loader = DataLoader(dataset, batch_size=config.data.batch_size, num_workers=config.data.num_workers)
         for batch in tqdm(loader, desc=f"caching teacher ({split})", unit="batch"):
             names = list(batch["meta"]["name"])

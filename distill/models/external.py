@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from depth_node.metadata import METADATA_KEY, ModelMetadata, error_summary
-from distill.data import read_depth_png
+from distill.data.samples import read_depth_png
 from distill.errors import UserError, did_you_mean
 from distill.models.base import IMAGENET_MEAN, IMAGENET_STD, DepthModel, DepthOutput, OutputKind
 from distill.parsing import parse_size
