@@ -93,11 +93,11 @@ class Bench:
         """The training/test world, and one frame at the node's resolution for the latency (unless cached)."""
         from distill.data.synth import write_world
 
-        for folder, frames, (height, width) in ((self.world, self.setting.frames, self.setting.size),
-                                                (self.node_world, 1, NODE_IMAGE)):  # fmt: skip
+        for folder, frames, size in ((self.world, self.setting.frames, self.setting.size),
+                                     (self.node_world, 1, NODE_IMAGE)):  # fmt: skip
             if not (folder / ".complete").is_file():
                 shutil.rmtree(folder, ignore_errors=True)
-                write_world(folder, frames=frames, seed=0, size=(width, height), bag="none")
+                write_world(folder, frames=frames, seed=0, size=size, bag="none")
                 (folder / ".complete").touch()
 
     def common(self, steps: int, lr: float) -> list[str]:

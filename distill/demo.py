@@ -154,8 +154,7 @@ def make_world(settings: DemoSettings, results: dict) -> Path:
     from distill.data.synth import write_world
 
     root = settings.out / "data"
-    height, width = settings.size
-    write_world(root, frames=settings.frames, seed=settings.seed, size=(width, height), bag="mcap")
+    write_world(root, frames=settings.frames, seed=settings.seed, size=settings.size, bag="mcap")
     splits = {name: (root / "splits" / f"{name}.txt").read_text().splitlines() for name in ("train", "val", "test")}
     test_drive = splits["test"][0].split()[0].split("/")[1].removesuffix("_sync")
     results["data"] = {"root": str(root), "frames": {name: len(lines) for name, lines in splits.items()},

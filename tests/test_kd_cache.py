@@ -24,7 +24,7 @@ from distill.models import build_student, build_teacher
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synth") / "world"
-    write_world(root, frames=5, seed=1, size=(64, 32), bag="none")
+    write_world(root, frames=5, seed=1, size=(32, 64), bag="none")
     return root
 
 
