@@ -24,8 +24,7 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
-from distill.data import DATASETS, DataConfig
-from distill.data.registry import config_class
+from distill.data.registry import DATASETS, DataConfig, config_class  # importing distill.data registers every kind
 from distill.errors import UserError, did_you_mean
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "config" / "default.yaml"
