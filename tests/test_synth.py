@@ -269,7 +269,7 @@ def test_shifted_domain_differs(world, shifted):
     ("arguments", "message"),
     [
         ({"frames": 0}, "--frames"),
-        ({"size": (10, 20)}, "--size 10x20 (HEIGHTxWIDTH) is out of range"),
+        ({"size": (10, 20)}, "--size 10x20 is out of range; height 32-2048"),
         ({"domain": "mars"}, "--domain"),
         ({"bag": "rosbag1"}, "--bag"),
         ({"seed": -1}, "--seed"),

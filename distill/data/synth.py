@@ -84,7 +84,7 @@ def check_arguments(out: Path, frames: int, seed: int, domain: str, size: tuple[
     height, width = size
     if not (MIN_SIZE[0] <= height <= MAX_SIZE[0] and MIN_SIZE[1] <= width <= MAX_SIZE[1]):
         raise UserError(
-            f"--size {height}x{width} (HEIGHTxWIDTH) is out of range; height {MIN_SIZE[0]}-{MAX_SIZE[0]}, "
+            f"--size {height}x{width} is out of range; height {MIN_SIZE[0]}-{MAX_SIZE[0]}, "
             f"width {MIN_SIZE[1]}-{MAX_SIZE[1]} pixels (KITTI: 375x1242)"
         )
     out = Path(out)
