@@ -94,11 +94,11 @@ class Bench:
         """The training/test world, and one frame at the node's resolution for the latency (unless cached)."""
         from distill.data.synth import write_world
 
-        for folder, frames, (height, width) in ((self.world, self.setting.frames, self.setting.size),
-                                                (self.node_world, 1, NODE_IMAGE)):  # fmt: skip
+        for folder, frames, size in ((self.world, self.setting.frames, self.setting.size),
+                                     (self.node_world, 1, NODE_IMAGE)):  # fmt: skip
             if not (folder / ".complete").is_file():
                 shutil.rmtree(folder, ignore_errors=True)
-                write_world(folder, frames=frames, seed=0, size=(width, height), bag="none")
+                write_world(folder, frames=frames, seed=0, size=size, bag="none")
                 (folder / ".complete").touch()
 
     def common(self, steps: int, lr: float) -> list[str]:
@@ -152,6 +152,7 @@ def evaluate(bench: Bench, mono_dir: Path, completion_dir: Path, beams: int) -> 
 
     from depth_node.completion import ip_basic_fill
     from distill.completion.training import align_to_lidar
+    from distill.config import load_data_config
     from distill.data import build_dataset
     from distill.inference import predict_depth
     from distill.metrics import MetricAccumulator
@@ -162,7 +163,8 @@ def evaluate(bench: Bench, mono_dir: Path, completion_dir: Path, beams: int) -> 
     section = config["completion"]
     alignment = (section["align_method"], section["align_min_points"])
     depth_range = (network.min_depth, network.max_depth)
-    dataset = build_dataset({"kind": "kitti", "root": bench.world, "lidar_beams": beams}, "test", augment=False)
+    data = load_data_config({"kind": "kitti", "root": bench.world, "lidar_beams": beams})
+    dataset = build_dataset(data, "test", augment=False)
     scores = {(region, row): MetricAccumulator(min_depth=1e-3, max_depth=80.0, crop=crop)
               for region, crop in REGIONS.items() for row in ROWS}  # fmt: skip
     errors: dict[tuple[str, str], list[float]] = {key: [] for key in scores}
@@ -187,9 +189,11 @@ def evaluate(bench: Bench, mono_dir: Path, completion_dir: Path, beams: int) -> 
 
 def node_frame(bench: Bench) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(rgb, a stand-in aligned depth, 64-beam sparse depth) of the node-resolution frame (188x621)."""
+    from distill.config import load_data_config
     from distill.data import build_dataset
 
-    sample = build_dataset({"kind": "kitti", "root": bench.node_world, "lidar_beams": 64}, "train", augment=False)[0]
+    data = load_data_config({"kind": "kitti", "root": bench.node_world, "lidar_beams": 64})
+    sample = build_dataset(data, "train", augment=False)[0]
     rgb = (sample["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     depth = sample["depth"][0].numpy()
     aligned = np.where(depth > 0, depth * 1.1, 80.0).astype(np.float32)  # any dense map: the cost does not depend on it

@@ -123,7 +123,6 @@ class Bench:
         """Render the kitti-domain world (and the shifted one with bags when label-free runs) unless cached."""
         from distill.data.synth import write_world
 
-        height, width = self.setting.size
         worlds = [(self.world, self.setting.frames, "kitti", "none", 0)]
         if labelfree:
             worlds.append((self.shifted, self.setting.shifted_frames, "shifted", "mcap", 0))
@@ -132,7 +131,7 @@ class Bench:
         for folder, frames, domain, bag, seed in worlds:
             if not (folder / ".complete").is_file():
                 shutil.rmtree(folder, ignore_errors=True)
-                write_world(folder, frames=frames, seed=seed, domain=domain, size=(width, height), bag=bag)
+                write_world(folder, frames=frames, seed=seed, domain=domain, size=self.setting.size, bag=bag)
                 (folder / ".complete").touch()
 
     def common(self, steps: int, lr: float, root: Path | None = None) -> list[str]:

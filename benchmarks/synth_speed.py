@@ -25,9 +25,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         wall, cpu = time.perf_counter(), time.process_time()
-        write_world(
-            Path(folder) / "w", frames=args.frames, seed=0, domain=args.domain, size=args.size[::-1], bag=args.bag
-        )
+        write_world(Path(folder) / "w", frames=args.frames, seed=0, domain=args.domain, size=args.size, bag=args.bag)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     height, width = args.size
     print(f"synth {args.domain} {height}x{width} + LiDAR + files + bag={args.bag}: {args.frames} frames")

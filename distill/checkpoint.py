@@ -55,7 +55,7 @@ def save_checkpoint(
 
     Args:
         directory: the checkpoint folder to (re)place, e.g. run_dir / "last".
-        model: the unwrapped model (not DDP); must carry `.spec` for `load_model_from_checkpoint`.
+        model: the unwrapped model (not DDP); must carry `.spec` for `distill.models.load_model`.
         state: JSON-able run state (step, epoch, lr, config, rng, ...); "model", "optimizer" and "files" are added.
         optimizer: its state is split into tensors (optimizer.safetensors) and the rest (state.json).
         method_tensors: extra named tensors of a KD method, or None.

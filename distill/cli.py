@@ -16,8 +16,7 @@ from distill.parsing import size_argument
 def cmd_synth(args: argparse.Namespace) -> int:
     from distill.data.synth import write_world
 
-    height, width = args.size
-    write_world(args.out, frames=args.frames, seed=args.seed, domain=args.domain, size=(width, height), bag=args.bag)
+    write_world(args.out, frames=args.frames, seed=args.seed, domain=args.domain, size=args.size, bag=args.bag)
     return 0
 
 

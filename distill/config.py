@@ -2,7 +2,9 @@
 
 `config/default.yaml` is the single source of defaults (every key commented there); the pydantic models below give
 the types and reject unknown keys with a close-match suggestion. Every mistake becomes a one-line `UserError`
-naming the dotted key (`train.stpes: unknown key, did you mean train.steps?`).
+naming the dotted key (`train.stpes: unknown key, did you mean train.steps?`). The `data:` section is validated as
+the class its `kind` registered (distill/data/kinds/): default.yaml gives the keys every kind shares, and each kind's
+own keys take their defaults from its class.
 
 The `kd:` section is the exception: each distillation method declares the schema (and defaults) of its own
 `kd.<name>:` block in its file, and `distill.kd.registry.resolve_kd` types those blocks when a run is built.
@@ -10,14 +12,16 @@ The `kd:` section is the exception: each distillation method declares the schema
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
 
+from distill.data.registry import DATASETS, DataConfig, config_class  # importing distill.data registers every kind
 from distill.errors import UserError, did_you_mean
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "config" / "default.yaml"
@@ -40,31 +44,6 @@ class RunConfig(Section):
     device: Literal["auto", "cpu", "cuda"]
     resume: bool
     tensorboard: bool
-
-
-class DataConfig(Section):
-    kind: Literal["kitti", "nyu", "bag"]
-    root: Path | None
-    raw_root: Path | None
-    gt_root: Path | None
-    split_dir: Path | None
-    gt: Literal["annotated", "velodyne"]
-    size: tuple[int, int] | None
-    kb_crop: bool
-    lidar_beams: Literal[64, 32, 16, 8, 4] | list[Literal[64, 32, 16, 8, 4]] | None
-    bags: list[Path]
-    image_topic: str
-    camera_info_topic: str
-    lidar_topic: str | None
-    crop: tuple[int, int] | None
-    lidar_extrinsic: list[list[float]] | None
-    min_depth: float | None
-    max_depth: float | None
-    batch_size: int
-    num_workers: int
-    train_split: str
-    val_split: str | None
-    test_split: str
 
 
 class ModelConfig(Section):
@@ -140,7 +119,7 @@ class EvalConfig(Section):
 
 class Config(Section):
     run: RunConfig
-    data: DataConfig
+    data: SerializeAsAny[DataConfig]  # validated and saved as the class of its kind (distill.data.kinds)
     model: ModelConfig
     train: TrainConfig
     kd: KDConfig
@@ -214,13 +193,24 @@ def parse_override(text: str, current: Mapping) -> dict:
         raise UserError(f"override {key}: value {value_text!r} is not valid YAML") from None
     parts = key.split(".")
     if len(parts) == 1:
-        sections = [name for name, section in current.items() if isinstance(section, Mapping) and key in section]
+        sections = [
+            name for name, section in current.items() if isinstance(section, Mapping) and key in _keys(name, section)
+        ]
         if len(sections) > 1:
             raise UserError(f"override {key!r} is ambiguous: use one of {[f'{s}.{key}' for s in sections]}")
         parts = [sections[0], key] if sections else parts
     for part in reversed(parts):
         value = {part: value}
     return value
+
+
+def _keys(name: str, section: Mapping) -> set[str]:
+    """The keys a raw section has or may have: its own and, for `data`, every key of its dataset kind."""
+    keys = set(section)
+    if name == "data":
+        with contextlib.suppress(ValidationError):
+            keys |= set(config_class(section).model_fields)
+    return keys
 
 
 def validate(raw: Mapping) -> Config:
@@ -237,17 +227,25 @@ def validate_section(model: type[SectionT], raw: Any, key: str) -> SectionT:
     try:
         return model.model_validate(raw)
     except ValidationError as error:
-        raise UserError("config: " + "; ".join(_describe(item, model, key) for item in error.errors())) from None
+        raise UserError("config: " + "; ".join(_describe(item, model, raw, key) for item in error.errors())) from None
 
 
-def _describe(item: Mapping[str, Any], root: type[BaseModel], prefix: str) -> str:
-    """One pydantic error of validating `root` (found at dotted key `prefix`) as `dotted.key: problem`."""
+def load_data_config(keys: Mapping[str, Any]) -> DataConfig:
+    """A `data:` section: config/default.yaml's updated by `keys` (values as YAML gives them, paths may be Paths),
+    validated as in `load_config` (mistakes are one-line UserErrors naming data.<key>); paths are not checked."""
+    return validate(deep_merge(read_yaml(DEFAULT_CONFIG), {"data": keys})).data
+
+
+def _describe(item: Mapping[str, Any], root: type[BaseModel], raw: Any, prefix: str) -> str:
+    """One pydantic error of validating `root` from `raw` (found at dotted key `prefix`) as `dotted.key: problem`;
+    `raw` picks the data kind's keys."""
     loc = [str(part) for part in item["loc"] if not isinstance(part, int)]
     base = [prefix] if prefix else []
     key = ".".join(base + loc)
     if item["type"] == "extra_forbidden":
-        choices = [".".join([*base, *loc[:-1], name]) for name in _fields_at(root, loc[:-1])]
-        return f"{key}: unknown key{did_you_mean(key, choices)}"
+        choices = [".".join([*base, *loc[:-1], name]) for name in _fields_at(root, loc[:-1], raw)]
+        hint = _kind_hint(loc, raw) if root is Config else ""
+        return f"{key}: unknown key{hint or did_you_mean(key, choices)}"
     message = item["msg"].removeprefix("Value error, ")
     if item["type"] == "missing":
         return f"{key}: missing (every key needs a value; see config/default.yaml)"
@@ -256,9 +254,10 @@ def _describe(item: Mapping[str, Any], root: type[BaseModel], prefix: str) -> st
     return f"{key}: {message}{shown}" if key else message
 
 
-def _fields_at(root: type[BaseModel], loc: Sequence[str]) -> list[str]:
-    """Field names of the section model at a path of field names below `root` (`root` itself for [])."""
-    model = root
+def _fields_at(root: type[BaseModel], loc: Sequence[str], raw: Any) -> list[str]:
+    """Field names of the section model at a path of field names below `root` (`root` itself for []); `data` is
+    the class of the kind `raw` names there."""
+    model, value = root, raw
     for name in loc:
         field = model.model_fields.get(name)
         if field is None:
@@ -267,25 +266,26 @@ def _fields_at(root: type[BaseModel], loc: Sequence[str]) -> list[str]:
         nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
         if not nested:
             return []
-        model = nested[0]
+        model, value = nested[0], value.get(name) if isinstance(value, Mapping) else None
+        if model is DataConfig and isinstance(value, Mapping):
+            with contextlib.suppress(ValidationError):
+                model = config_class(value)
     return list(model.model_fields)
 
 
-def fill_depth_ranges(config: Config) -> None:
-    """Null depth bounds follow the dataset kind's range (data) and then the data's range (model)."""
-    from distill.data import DEFAULT_DEPTH_RANGE
+def _kind_hint(loc: Sequence[str], raw: Mapping) -> str:
+    """ " for data.kind 'nyu' (a key of kitti)" when an unknown data key belongs to other dataset kinds."""
+    if len(loc) != 2 or loc[0] != "data":
+        return ""
+    owners = [name for name in DATASETS.names() if loc[1] in DATASETS.get(name).config.model_fields]
+    return f" for data.kind {raw['data'].get('kind')!r} (a key of {', '.join(owners)})" if owners else ""
 
-    low, high = DEFAULT_DEPTH_RANGE[config.data.kind]
+
+def fill_depth_ranges(config: Config) -> None:
+    """Null model depth bounds follow the data's (themselves the dataset kind's range when null)."""
     data, model = config.data, config.model
-    data.min_depth = low if data.min_depth is None else data.min_depth
-    data.max_depth = high if data.max_depth is None else data.max_depth
     model.min_depth = data.min_depth if model.min_depth is None else model.min_depth
     model.max_depth = data.max_depth if model.max_depth is None else model.max_depth
-
-
-def data_dict(config: Config) -> dict[str, Any]:
-    """The data section as `distill.data.build_dataset` takes it (paths as strings)."""
-    return config.data.model_dump(mode="json")
 
 
 def changed_keys(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:

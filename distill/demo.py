@@ -155,8 +155,7 @@ def make_world(settings: DemoSettings, results: dict) -> Path:
     from distill.data.synth import write_world
 
     root = settings.out / "data"
-    height, width = settings.size
-    write_world(root, frames=settings.frames, seed=settings.seed, size=(width, height), bag="mcap")
+    write_world(root, frames=settings.frames, seed=settings.seed, size=settings.size, bag="mcap")
     splits = {name: (root / "splits" / f"{name}.txt").read_text().splitlines() for name in ("train", "val", "test")}
     test_drive = splits["test"][0].split()[0].split("/")[1].removesuffix("_sync")
     results["data"] = {"root": str(root), "frames": {name: len(lines) for name, lines in splits.items()},
@@ -304,13 +303,14 @@ def live_node(settings: DemoSettings, model: Path, results: dict) -> None:
 
 def kitti_frame(settings: DemoSettings, model: Path, results: dict) -> None:
     """The exported student on the real KITTI frame, scored against the official annotated ground truth."""
+    from distill.config import load_data_config
     from distill.data import build_dataset
     from distill.evaluate import evaluate
     from distill.inference import engine_predictor
 
     root = settings.kitti
     data = {"kind": "kitti", "root": str(root), "raw_root": str(root), "gt_root": str(root / "data_depth_annotated")}
-    dataset = build_dataset(data, "test", augment=False)
+    dataset = build_dataset(load_data_config(data), "test", augment=False)
     predict = engine_predictor(model, backend="onnxruntime")
     scores = {align: evaluate(predict, dataset, crop="garg", align=None if align == "none" else align,
                               min_depth=1e-3, max_depth=80.0, paste_full=True, progress=False)

@@ -17,12 +17,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from distill.config import Config, data_dict, load_config
+from distill.config import Config, load_config
 from distill.errors import UserError
 from distill.inference import open_predictor
 from distill.metrics import MetricAccumulator, format_metrics_table
-
-DEFAULT_CROP = {"kitti": "garg", "bag": "garg", "nyu": "nyu"}
 
 
 def evaluate(
@@ -113,14 +111,14 @@ def run_eval(
     from distill.data import build_dataset
 
     config = data_config(data)
-    crop = crop or config.eval.crop or DEFAULT_CROP[config.data.kind]
+    crop = crop or config.eval.crop or config.data.eval_crop
     align = align or config.eval.align
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     predict = open_predictor(checkpoint, device, backend="onnxruntime")
     output_kind = predict.output_kind
     if output_kind != "metric" and align == "none":
         print(f"note: {checkpoint} predicts {output_kind}; metrics without --align median|lsq are not in metres")
-    dataset = build_dataset(data_dict(config), config.data.test_split, augment=False)
+    dataset = build_dataset(config.data, config.data.test_split, augment=False)
     min_depth, max_depth = config.data.min_depth, config.data.max_depth
     metrics = evaluate(
         predict, dataset, crop=crop, align=align, min_depth=min_depth, max_depth=max_depth,

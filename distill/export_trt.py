@@ -90,9 +90,10 @@ def _folder_images(folder: Path) -> Iterator[np.ndarray]:
 
 
 def _dataset_images(data_config: dict, source: Path) -> Iterator[np.ndarray]:
+    from distill.config import load_data_config
     from distill.data import build_dataset
 
-    dataset = build_dataset(data_config, split="train", augment=False)
+    dataset = build_dataset(load_data_config(data_config), split="train", augment=False)
     if len(dataset) == 0:
         raise UserError(f"{source}: the dataset has no frames for calibration")
     for index in range(len(dataset)):

@@ -39,11 +39,12 @@ def _rgb(sample: dict) -> np.ndarray:
 
 def test_pictures(settings, runs: dict[str, Path], names: dict[str, str], folder: Path) -> dict[str, Path]:
     """test_depth.png and test_error.png over `settings.pictures` test frames spread over the split."""
+    from distill.config import load_data_config
     from distill.data import build_dataset
     from distill.metrics import depth_metrics
 
     data = {"kind": "kitti", "root": str(settings.out / "data")}
-    dataset = build_dataset(data, "test", augment=False)
+    dataset = build_dataset(load_data_config(data), "test", augment=False)
     indices = np.linspace(0, len(dataset) - 1, min(settings.pictures, len(dataset))).round().astype(int)
     predictors = {role: open_predictor(runs[role]) for role in ROLES}
     depth_columns, error_columns = [], []
@@ -117,10 +118,11 @@ def live_pictures(recorded: Path, image_topic: str, folder: Path) -> tuple[dict[
 
 def kitti_picture(kitti: Path, model: Path, folder: Path) -> Path:
     """kitti.png: the real frame, the exported student's depth, the annotated ground truth and the error."""
+    from distill.config import load_data_config
     from distill.data import build_dataset
 
     data = {"kind": "kitti", "root": str(kitti), "raw_root": str(kitti), "gt_root": str(kitti / "data_depth_annotated")}
-    sample = build_dataset(data, "test", augment=False)[0]
+    sample = build_dataset(load_data_config(data), "test", augment=False)[0]
     rgb, gt = _rgb(sample), sample["depth"][0].numpy()
     depth = open_predictor(model).predict(rgb)
     vmin, vmax = display_range(gt)

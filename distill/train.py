@@ -14,7 +14,7 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
-from distill.config import Config, data_dict, load_config, save_config
+from distill.config import Config, load_config, save_config
 from distill.errors import UserError
 
 
@@ -143,7 +143,7 @@ def _train_loader(config: Config):
     from distill.data import build_dataset
     from distill.data.sampling import ResumableSampler, SeededDataset
 
-    dataset = SeededDataset(build_dataset(data_dict(config), config.data.train_split, augment=True), config.run.seed)
+    dataset = SeededDataset(build_dataset(config.data, config.data.train_split, augment=True), config.run.seed)
     sampler = ResumableSampler(dataset, seed=config.run.seed, drop_last=True)
     if len(sampler) < config.data.batch_size:
         raise UserError(
@@ -161,13 +161,13 @@ def _train_loader(config: Config):
 def _validator(config: Config, device):
     """Callable(model) -> validation metrics, or None when the config has no validation split."""
     from distill.data import build_dataset
-    from distill.evaluate import DEFAULT_CROP, evaluate
+    from distill.evaluate import evaluate
     from distill.inference import model_predictor
 
     if config.data.val_split is None:
         return None
-    dataset = build_dataset(data_dict(config), config.data.val_split, augment=False)
-    crop, data = config.eval.crop or DEFAULT_CROP[config.data.kind], config.data
+    dataset = build_dataset(config.data, config.data.val_split, augment=False)
+    crop, data = config.eval.crop or config.data.eval_crop, config.data
 
     def validate(model) -> dict[str, float]:
         return evaluate(

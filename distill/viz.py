@@ -66,7 +66,7 @@ def source_kind(source: Path) -> str:
 
 
 def image_frames(paths: list[Path], predictor: Predictor, hfov_deg: float) -> Iterator[VizFrame]:
-    from distill.data import read_rgb
+    from distill.data.samples import read_rgb
 
     for path in paths:
         rgb = read_rgb(path)
@@ -76,12 +76,11 @@ def image_frames(paths: list[Path], predictor: Predictor, hfov_deg: float) -> It
 
 def dataset_frames(source: Path, predictor: Predictor) -> Iterator[VizFrame]:
     """Test-split frames of a dataset with their ground truth and intrinsics."""
-    from distill.config import data_dict
     from distill.data import build_dataset
     from distill.evaluate import data_config
 
     config = data_config(source)
-    dataset = build_dataset(data_dict(config), config.data.test_split, augment=False)
+    dataset = build_dataset(config.data, config.data.test_split, augment=False)
     for index in range(len(dataset)):
         sample = dataset[index]
         rgb = (sample["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)

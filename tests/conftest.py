@@ -33,5 +33,5 @@ def synth_root(tmp_path_factory) -> Path:
     from distill.data.synth import write_world
 
     root = tmp_path_factory.mktemp("synth") / "world"
-    write_world(root, frames=10, seed=0, size=(192, 64), bag="mcap")
+    write_world(root, frames=10, seed=0, size=(64, 192), bag="mcap")
     return root

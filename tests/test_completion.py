@@ -206,8 +206,8 @@ def test_ip_basic_ignores_non_finite_and_out_of_range_points():
 @pytest.fixture(scope="module")
 def kitti_frame(shared_data: Path):
     """Sparse depth projected from the real Velodyne scan with project_lidar, and the official annotated GT."""
-    from distill.data import read_depth_png
     from distill.data.kitti import camera_projection, read_calib, read_velodyne, velodyne_to_rectified
+    from distill.data.samples import read_depth_png
 
     calib = read_calib(shared_data / KITTI / "2011_09_26")
     projection, (height, width) = camera_projection(calib, 2)

@@ -16,7 +16,7 @@ import torch
 
 from depth_node.completion_engine import resize_sparse, sanitize_aligned
 from distill.completion.training import CompletionMethod, build_completion_method, masked_l1_l2, masked_log_l1
-from distill.config import load_config
+from distill.config import load_config, load_data_config
 from distill.data import build_dataset
 from distill.data.kitti import keep_beams, laser_rings, read_velodyne
 from distill.data.synth_sensors import LIDAR_ELEVATIONS
@@ -153,7 +153,7 @@ def test_kitti_samples_carry_sparse_depth_that_lies_on_the_ground_truth(synth_ro
     counts = {}
     for beams in (64, 16):
         cfg = {"kind": "kitti", "root": synth_root, "lidar_beams": beams}
-        sample = build_dataset(cfg, "train", augment=False)[0]
+        sample = build_dataset(load_data_config(cfg), "train", augment=False)[0]
         sparse, gt = sample["sparse_depth"], sample["depth"]
         assert sparse.shape == gt.shape and sample["meta"]["lidar_beams"] == beams
         both = (sparse > 0) & (gt > 0)
@@ -161,7 +161,9 @@ def test_kitti_samples_carry_sparse_depth_that_lies_on_the_ground_truth(synth_ro
         # The scan is cast in the same world as the ground truth: points sit on it (up to pixel rounding at edges).
         assert float((torch.abs(sparse[both] - gt[both]) < 0.05 * gt[both]).float().mean()) > 0.9
     assert 0.2 < counts[16] / counts[64] < 0.33
-    augmented = build_dataset({"kind": "kitti", "root": synth_root, "lidar_beams": [64, 16]}, "train", augment=True)
+    augmented = build_dataset(
+        load_data_config({"kind": "kitti", "root": synth_root, "lidar_beams": [64, 16]}), "train", augment=True
+    )
     assert {augmented[i]["meta"]["lidar_beams"] for i in range(len(augmented))} <= {64, 16}
 
 
@@ -212,7 +214,9 @@ def test_training_on_one_batch_lowers_the_loss_and_keeps_the_mono_model_frozen(s
     method = build_completion_method(config, mono, torch.device("cpu"))
     assert isinstance(method, CompletionMethod) and method.trainable_modules() == [method.student]
     frozen = {name: value.clone() for name, value in mono.state_dict().items()}
-    dataset = build_dataset({"kind": "kitti", "root": synth_root, "lidar_beams": 64}, "train", augment=False)
+    dataset = build_dataset(
+        load_data_config({"kind": "kitti", "root": synth_root, "lidar_beams": 64}), "train", augment=False
+    )
     batch = torch.utils.data.default_collate([dataset[0], dataset[1]])
     optimizer = torch.optim.Adam(method.student.parameters(), lr=3e-3)
     method.train()

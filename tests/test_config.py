@@ -20,6 +20,7 @@ from distill.config import (
     save_config,
     to_dict,
 )
+from distill.data.registry import DATASETS, DataConfig
 from distill.errors import UserError
 from distill.kd.registry import resolve_kd
 
@@ -89,6 +90,49 @@ def test_unknown_key_suggests_the_close_match_with_its_full_key(tmp_path):
     assert "did you mean 'train'?" in error_of(None, ["trian.steps=3"])
 
 
+def test_data_keys_are_those_of_the_chosen_kind():
+    assert "data.raw_rot: unknown key; did you mean 'data.raw_root'" in error_of(None, ["data.raw_rot=x"])
+    message = error_of(None, ["data.kind=nyu", "data.raw_root=/data/kitti"])
+    assert message == "config: data.raw_root: unknown key for data.kind 'nyu' (a key of kitti)"
+    assert "data.bags: unknown key for data.kind 'kitti' (a key of bag)" in error_of(None, ["data.bags=[a.bag]"])
+    assert "data.gt: unknown key for data.kind 'bag' (a key of kitti)" in error_of(
+        None, ["data.kind=bag", "data.gt=velodyne"]
+    )
+    assert error_of(None, ["data.kind=kiti"]) == (
+        "config: data.kind: unknown dataset kind 'kiti'; did you mean 'kitti'? (known: bag, kitti, nyu)"
+    )
+    assert "data.lidar_extrinsic" in error_of(None, ["data.kind=bag", "data.lidar_extrinsic=3"])
+    assert "data.min_depth: 5.0 must be >= 0 and below data.max_depth (1.0)" in error_of(
+        None, ["data.min_depth=5", "data.max_depth=1"]
+    )
+
+
+def test_each_kind_takes_its_own_defaults_and_bare_keys():
+    kitti = load_config(None, ["kb_crop=true"], check_paths=False).data  # a bare key of the chosen kind
+    assert kitti.kb_crop is True and kitti.gt == "annotated" and kitti.lidar_beams is None
+    bag = load_config(None, ["data.kind=bag", "data.bags=[a.bag]", "lidar_topic=null"], check_paths=False).data
+    assert bag.bags == [Path("a.bag")] and bag.lidar_topic is None
+    assert bag.image_topic == "/kitti/camera_color_left/image_raw" and bag.lidar_extrinsic is None
+    nyu = load_config(None, ["data.kind=nyu"], check_paths=False)
+    assert set(to_dict(nyu)["data"]) == set(read_yaml(DEFAULT_CONFIG)["data"])  # nyu adds no keys
+
+
+def test_default_yaml_documents_each_kinds_keys_with_their_defaults():
+    """The commented `# kind: NAME` blocks of default.yaml list every key of that kind with the class's default."""
+    documented: dict[str, dict[str, object]] = {}
+    for line in DEFAULT_CONFIG.read_text().splitlines():
+        if header := re.match(r"^\s*# kind: (\w+)", line):
+            kind = documented.setdefault(header.group(1), {})
+        elif entry := re.match(r"^\s*# (\w+): (.*?)\s+# \(", line):
+            kind[entry.group(1)] = yaml.safe_load(entry.group(2))
+    assert set(documented) == {"kitti", "nyu", "bag"}
+    for name, keys in documented.items():
+        config = DATASETS.get(name).config
+        own = {key: field.default_factory() if field.default_factory else field.default
+               for key, field in config.model_fields.items() if key not in DataConfig.model_fields}  # fmt: skip
+        assert keys == {key: value if not isinstance(value, Path) else str(value) for key, value in own.items()}
+
+
 def test_wrong_type_names_key_and_expected_type():
     message = error_of(None, ["train.steps=lots", "train.epochs=null"])
     assert message.startswith("config: train.steps:") and "integer" in message and "'lots'" in message
@@ -99,7 +143,7 @@ def test_wrong_type_names_key_and_expected_type():
 def test_missing_path_names_key_and_path(tmp_path):
     missing = tmp_path / "no_such_dataset"
     assert error_of(None, [f"data.root={missing}"]) == f"data.root: path does not exist: {missing}"
-    assert "data.bags[1]" in error_of(None, [f"data.bags=[{tmp_path}, {missing}]"])
+    assert "data.bags[1]" in error_of(None, ["data.kind=bag", f"data.bags=[{tmp_path}, {missing}]"])
     load_config(None, [f"data.root={missing}"], check_paths=False)
 
 
@@ -114,6 +158,11 @@ def test_saved_config_reloads_identically(tmp_path):
     config = load_config(None, ["train.steps=5", "train.epochs=null", "data.size=[32, 64]"])
     save_config(config, tmp_path / "config.yaml")
     assert to_dict(load_config(tmp_path / "config.yaml")) == to_dict(config)
+    bag = load_config(None, ["data.kind=bag", f"data.bags=[{tmp_path}]", "data.lidar_extrinsic=[[1, 0], [0, 1]]"])
+    save_config(bag, tmp_path / "bag.yaml")
+    assert to_dict(load_config(tmp_path / "bag.yaml")) == to_dict(bag) and to_dict(bag)["data"]["bags"] == [
+        str(tmp_path)
+    ]
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["data"]["size"] == [32, 64]
 
 
@@ -140,6 +189,7 @@ def test_shipped_experiments_validate(name):
         ("train.stpes=3", "train.stpes: unknown key; did you mean 'train.steps'"),
         ("train.steps=lots", "train.steps: Input should be a valid integer"),
         ("data.root=/no/such/kitti", "data.root: path does not exist: /no/such/kitti"),
+        ("data.kind=kiti", "data.kind: unknown dataset kind 'kiti'; did you mean 'kitti'?"),
     ],
 )
 def test_cli_reports_config_errors_on_one_line_with_exit_code_2(tmp_path, override, expected):

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from distill.data import build_dataset, read_depth_png, read_rgb
+from distill.config import load_data_config
+from distill.data import build_dataset
 from distill.data.kitti import (
     KittiDataset,
     project_velodyne,
@@ -19,6 +20,7 @@ from distill.data.kitti import (
     read_split,
     read_velodyne,
 )
+from distill.data.samples import read_depth_png, read_rgb
 from distill.errors import UserError
 
 DRIVE = "2011_09_26/2011_09_26_drive_0001_sync"
@@ -79,7 +81,7 @@ def test_calib_and_split_readers(kitti, tmp_path):
 def test_sample_contract_on_real_frame(kitti, tmp_path, gt):
     split_dir = write_split(tmp_path, [f"{DRIVE} 5 l"])
     cfg = {"kind": "kitti", "root": kitti, "raw_root": kitti, "gt_root": kitti / "data_depth_annotated"}
-    sample = build_dataset({**cfg, "split_dir": split_dir, "gt": gt}, "test", augment=False)[0]
+    sample = build_dataset(load_data_config({**cfg, "split_dir": split_dir, "gt": gt}), "test", augment=False)[0]
     assert sample["image"].shape == (3, 375, 1242) and sample["image"].dtype == torch.float32
     png = read_rgb(kitti / DRIVE / "image_02" / "data" / "0000000005.png")
     assert torch.equal(sample["image"], torch.from_numpy(png).permute(2, 0, 1).float() / 255)
@@ -121,7 +123,7 @@ def test_default_layout_and_skipped_frames_warn_once(kitti, tmp_path, caplog):
     (tmp_path / "data_depth_annotated").symlink_to(kitti / "data_depth_annotated")
     write_split(tmp_path / "splits", [f"{DRIVE} 5 l", f"{DRIVE} 6 l", f"{DRIVE} 7 l"], name="train")
     with caplog.at_level(logging.WARNING, logger="distill.data.kitti"):
-        dataset = build_dataset({"kind": "kitti", "root": tmp_path}, "train", augment=True)
+        dataset = build_dataset(load_data_config({"kind": "kitti", "root": tmp_path}), "train", augment=True)
     assert len(dataset) == 1
     assert [record.getMessage() for record in caplog.records] == [
         f"KITTI: skipped 2 of 3 frames of {tmp_path / 'splits' / 'train.txt'} without annotated depth"
@@ -129,9 +131,9 @@ def test_default_layout_and_skipped_frames_warn_once(kitti, tmp_path, caplog):
 
 
 def test_without_split_file_every_left_frame_is_used(kitti, caplog):
-    cfg = {"kind": "kitti", "root": kitti, "raw_root": kitti, "gt_root": kitti / "data_depth_annotated", "gt": None}
+    cfg = {"kind": "kitti", "root": kitti, "raw_root": kitti, "gt_root": kitti / "data_depth_annotated"}
     with caplog.at_level(logging.WARNING, logger="distill.data"):
-        dataset = build_dataset(cfg, "val", augment=False)
+        dataset = build_dataset(load_data_config(cfg), "val", augment=False)
     assert [frame[:3] for frame in dataset.frames] == [(DRIVE, 5, 2)]
     assert "no split file" in caplog.records[0].getMessage()
 

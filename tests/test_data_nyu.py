@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
+from distill.config import load_data_config
 from distill.data import build_dataset
 from distill.data.nyu import NyuDataset, nyu_intrinsics
 from distill.errors import UserError
@@ -30,7 +31,7 @@ def write_frame(image_path: Path, depth_path: Path, depth_mm: np.ndarray) -> np.
 
 
 def test_real_frame_loads_in_metres(nyu):
-    dataset = build_dataset({"kind": "nyu", "root": nyu}, "train", augment=False)
+    dataset = build_dataset(load_data_config({"kind": "nyu", "root": nyu}), "train", augment=False)
     assert len(dataset) == 1
     sample = dataset[0]
     raw = cv2.imread(str(nyu / "annotations" / "bookstore_0001d_00001.png"), cv2.IMREAD_UNCHANGED)
@@ -62,7 +63,7 @@ def test_bts_sync_layout_and_split_folder(tmp_path):
                       tmp_path / "train" / "office_0001" / "sync_depth_00003.png", depth_mm)  # fmt: skip
     write_frame(tmp_path / "test" / "kitchen_0002" / "rgb_00000.jpg",
                 tmp_path / "test" / "kitchen_0002" / "sync_depth_00000.png", depth_mm)  # fmt: skip
-    dataset = build_dataset({"kind": "nyu", "root": tmp_path, "size": [6, 8]}, "train", augment=False)
+    dataset = build_dataset(load_data_config({"kind": "nyu", "root": tmp_path, "size": [6, 8]}), "train", augment=False)
     assert len(dataset) == 1
     sample = dataset[0]
     assert sample["meta"]["name"] == "train/office_0001/rgb_00003"
@@ -102,10 +103,12 @@ def test_broken_exports_are_user_errors(tmp_path):
 
 
 def test_depth_range_from_config(nyu):
-    sample = build_dataset({"kind": "nyu", "root": nyu, "min_depth": 2.0, "max_depth": None}, "test", False)[0]
+    sample = build_dataset(
+        load_data_config({"kind": "nyu", "root": nyu, "min_depth": 2.0, "max_depth": None}), "test", False
+    )[0]
     depth = sample["depth"][sample["valid"]]
     assert depth.min() > 2.0 and depth.max() < 10.0
     with pytest.raises(UserError, match="min_depth"):
-        build_dataset({"kind": "nyu", "root": nyu, "min_depth": 5, "max_depth": 1}, "test", False)
-    with pytest.raises(UserError, match="max_depth must be a number"):
-        build_dataset({"kind": "nyu", "root": nyu, "max_depth": "far"}, "test", False)
+        build_dataset(load_data_config({"kind": "nyu", "root": nyu, "min_depth": 5, "max_depth": 1}), "test", False)
+    with pytest.raises(UserError, match="data.max_depth: Input should be a valid number"):
+        build_dataset(load_data_config({"kind": "nyu", "root": nyu, "max_depth": "far"}), "test", False)

@@ -18,8 +18,10 @@ from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 from torch.utils.data import DataLoader
 
 from depth_node.geometry import pointcloud2_to_xyz
-from distill.data import build_dataset, read_depth_png, read_rgb
-from distill.data.rosbag import BagDataset, lookup_transform, transform_to_matrix
+from distill.config import load_data_config
+from distill.data import build_dataset
+from distill.data.rosbag import DEFAULT_TOPICS, BagDataset, lookup_transform, transform_to_matrix
+from distill.data.samples import read_depth_png, read_rgb
 from distill.errors import UserError
 
 KITTI_FRAME = "2011_09_26/2011_09_26_drive_0001_sync"
@@ -170,7 +172,7 @@ def expected_sparse() -> np.ndarray:
 
 
 def test_real_kitti_bag(kitti_bag, shared_data):
-    dataset = build_dataset({"kind": "bag", "bags": [str(kitti_bag)]}, "train", augment=False)
+    dataset = build_dataset(load_data_config({"kind": "bag", "bags": [str(kitti_bag)]}), "train", augment=False)
     assert len(dataset) == 1
     sample = dataset[0]
     raw = shared_data / "kitti_raw_sample"
@@ -255,7 +257,7 @@ def test_bad_bags_are_user_errors(tmp_path):
     with pytest.raises(UserError, match=f"cannot open rosbag {tmp_path / 'absent'}"):
         small_dataset(tmp_path / "absent")
     with pytest.raises(UserError, match="bags must list"):
-        build_dataset({"kind": "bag", "bags": []}, "train", augment=False)
+        build_dataset(load_data_config({"kind": "bag", "bags": []}), "train", augment=False)
 
 
 def test_truncated_image_message_is_a_user_error(tmp_path):
@@ -279,3 +281,8 @@ def test_tf_helpers():
     edges = {("base", "velo"): BASE_FROM_VELO, ("base", "cam"): BASE_FROM_CAMERA}
     assert np.allclose(lookup_transform(edges, "cam", "velo"), CAMERA_FROM_VELO)
     assert lookup_transform(edges, "cam", "radar") is None
+
+
+def test_bag_kind_defaults_are_the_readers_topics():
+    data = load_data_config({"kind": "bag", "bags": ["a.bag"]})
+    assert {key: getattr(data, key) for key in DEFAULT_TOPICS} == DEFAULT_TOPICS

@@ -13,7 +13,7 @@ import yaml
 
 from distill.checkpoint import save_checkpoint
 from distill.cli import main as cli_main
-from distill.config import data_dict, load_config, to_dict
+from distill.config import load_config, to_dict
 from distill.data import build_dataset
 from distill.errors import UserError
 from distill.evaluate import paste_into_full, run_eval
@@ -113,7 +113,7 @@ def test_real_kitti_frame_with_kb_crop_is_scored_on_the_full_frame(tmp_path, run
     assert metrics["count"] == 1
 
     # By hand: predict on the 352x1216 KB crop (top 23, left 13 of 375x1242), paste into the full frame, Garg-crop.
-    sample = build_dataset(data_dict(load_config(tmp_path / "kitti.yaml")), "test", augment=False)[0]
+    sample = build_dataset(load_config(tmp_path / "kitti.yaml").data, "test", augment=False)[0]
     model, _ = load_model(run_dir)
     pred, gt = np.zeros((375, 1242)), np.zeros((375, 1242))
     pred[23:, 13:1229] = predict_depth(model, sample["image"][None], size=(64, 192))[0, 0].numpy()

@@ -11,7 +11,7 @@ import yaml
 from test_kd_tiekd import export_onnx_teacher
 
 from distill.cli import main as cli_main
-from distill.config import data_dict, load_config
+from distill.config import load_config, load_data_config
 from distill.data import build_dataset
 from distill.data.synth import write_world
 from distill.errors import UserError
@@ -24,7 +24,7 @@ from distill.models import build_student, build_teacher
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synth") / "world"
-    write_world(root, frames=5, seed=1, size=(64, 32), bag="none")
+    write_world(root, frames=5, seed=1, size=(32, 64), bag="none")
     return root
 
 
@@ -49,8 +49,8 @@ def test_cached_maps_are_the_teachers_maps(tmp_path, world, onnx_file):
     config = load_config(experiment(tmp_path, world, onnx_file), [])
     out = tmp_path / "cache"
     written = cache_teacher(config, out, ["train", "val"])
-    dataset = build_dataset(data_dict(config), "train", augment=False)
-    val = build_dataset(data_dict(config), "val", augment=False)
+    dataset = build_dataset(config.data, "train", augment=False)
+    val = build_dataset(config.data, "val", augment=False)
     assert written == len(dataset) + len(val)
     assert cache_teacher(config, out, ["train"]) == 0  # everything cached already: nothing recomputed
 
@@ -69,7 +69,7 @@ def test_cli_caches_and_prints_how_to_train_from_it(tmp_path, world, onnx_file, 
     assert cli_main(["cache", str(exp), "--out", str(tmp_path / "c"), "--splits", "test"]) == 0
     printed = capsys.readouterr().out
     assert f"teacher.spec=precomputed:{tmp_path / 'c'} teacher.weights=null" in printed
-    test_frames = build_dataset({"kind": "kitti", "root": world}, "test", augment=False)
+    test_frames = build_dataset(load_data_config({"kind": "kitti", "root": world}), "test", augment=False)
     assert len(list((tmp_path / "c").glob("*.npy"))) == len(test_frames)
     assert (
         cli_main(["cache", str(exp), f"teacher.spec=precomputed:{tmp_path / 'c'}", "--out", str(tmp_path / "d")]) == 2
@@ -87,7 +87,7 @@ def test_cached_teacher_follows_flips_and_refuses_random_crops(tmp_path, world, 
         build_method(load_config(exp, [*overrides, "data.crop=[32, 32]"]), student, torch.device("cpu"))
     method = build_method(load_config(exp, overrides), student, torch.device("cpu"))
     assert isinstance(method, DistillMethod)
-    dataset = build_dataset(data_dict(config), "train", augment=False)
+    dataset = build_dataset(config.data, "train", augment=False)
     names = [dataset[i]["meta"]["name"] for i in range(2)]
     batch = {"image": torch.rand(2, 3, 32, 64), "meta": {"name": names, "hflip": torch.tensor([False, True])}}
     depth, usable = method.teacher_output(batch)

@@ -241,7 +241,7 @@ def test_lam_without_fam_a_missing_teacher_and_one_without_features_are_user_err
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synth") / "world"
-    write_world(root, frames=8, seed=0, size=(SIZE[1], SIZE[0]), bag="none")
+    write_world(root, frames=8, seed=0, size=SIZE, bag="none")
     return root
 
 

@@ -146,7 +146,7 @@ def test_teacher_loading_errors_name_the_keys(tmp_path):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synth") / "world"
-    write_world(root, frames=6, seed=2, size=(64, 32), bag="none")
+    write_world(root, frames=6, seed=2, size=(32, 64), bag="none")
     return root
 
 

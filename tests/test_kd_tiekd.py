@@ -164,7 +164,7 @@ def test_teacher_stays_frozen_while_the_student_trains(tmp_path):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synth") / "world"
-    write_world(root, frames=6, seed=0, size=(64, 32), bag="none")
+    write_world(root, frames=6, seed=0, size=(32, 64), bag="none")
     return root
 
 

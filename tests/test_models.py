@@ -16,7 +16,7 @@ from distill.errors import UserError
 from distill.models import STUDENTS, build_model, build_student, build_teacher
 from distill.models.base import DepthModel
 from distill.models.bins import bin_centers, expected_depth
-from distill.models.registry import Registry
+from distill.registry import Registry
 
 H, W = 64, 192  # KITTI-like aspect ratio, a multiple of every model's size_divisor (32)
 MIN_DEPTH, MAX_DEPTH, BINS = 1e-3, 80.0, 32

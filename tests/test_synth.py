@@ -14,14 +14,14 @@ from rosbags.interfaces import QosDurability
 from rosbags.typesys import Stores, get_typestore
 
 from depth_node.geometry import points_to_depth_image, project_points, transform_points
-from distill.data import read_depth_png
 from distill.data.kitti import camera_projection, read_calib, read_split, read_velodyne, velodyne_to_rectified
+from distill.data.samples import read_depth_png
 from distill.data.synth import plan_drives, write_calib, write_world
 from distill.data.synth_bag import quaternion
 from distill.data.synth_calib import make_rig
 from distill.errors import UserError
 
-SIZE = (416, 128)  # width, height: the CPU-friendly size the training demos use
+SIZE = (128, 416)  # height, width: the CPU-friendly size the training demos use
 TOPICS = {
     "/kitti/camera_color_left/image_raw": "sensor_msgs/msg/Image",
     "/kitti/camera_color_left/camera_info": "sensor_msgs/msg/CameraInfo",
@@ -76,9 +76,9 @@ def test_plan_drives_keeps_splits_apart():
 
 
 def test_calib_matches_real_kitti_at_full_size(shared_data, tmp_path):
-    """At 1242x375 the written calib files carry KITTI's keys and numbers; the bag TF equals the real sample's."""
+    """At 375x1242 (HxW) the written calib files carry KITTI's keys and numbers; the bag TF equals the real sample's."""
     real = read_calib(shared_data / "kitti_raw_sample" / "2011_09_26")
-    rig = make_rig((1242, 375), "2030_01_01")
+    rig = make_rig((375, 1242), "2030_01_01")
     write_calib(tmp_path / "2030_01_01", rig)
     ours = read_calib(tmp_path / "2030_01_01")
     assert set(real) <= set(ours)
@@ -102,9 +102,9 @@ def test_calib_matches_real_kitti_at_full_size(shared_data, tmp_path):
 def test_layout_and_formats(world):
     calib = read_calib(calib_dir(world))
     P, (height, width) = camera_projection(calib, 2)
-    assert (width, height) == SIZE
-    assert P[0, 0] == pytest.approx(721.5377 * SIZE[0] / 1242, rel=1e-6)
-    assert P[1, 2] == pytest.approx((172.854 + 0.5) * SIZE[1] / 375 - 0.5, rel=1e-6)
+    assert (height, width) == SIZE
+    assert P[0, 0] == pytest.approx(721.5377 * SIZE[1] / 1242, rel=1e-6)
+    assert P[1, 2] == pytest.approx((172.854 + 0.5) * SIZE[0] / 375 - 0.5, rel=1e-6)
     frames = frames_of(world)
     assert len(frames) == 3
     for image_path, scan_path, gt_path in frames:
@@ -269,7 +269,7 @@ def test_shifted_domain_differs(world, shifted):
     ("arguments", "message"),
     [
         ({"frames": 0}, "--frames"),
-        ({"size": (20, 10)}, "--size"),
+        ({"size": (10, 20)}, "--size 10x20 is out of range; height 32-2048"),
         ({"domain": "mars"}, "--domain"),
         ({"bag": "rosbag1"}, "--bag"),
         ({"seed": -1}, "--seed"),

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill.data import build_dataset, make_sample
+from distill.data.samples import make_sample
 from distill.data.transforms import (
     ColorJitter,
     Compose,
@@ -141,11 +141,6 @@ def test_training_transform_composition(scene):
     assert_geometry(out, atol=0.05, mirrored=None)
     with pytest.raises(UserError, match="size"):
         training_transform([24], None, augment=False)
-
-
-def test_build_dataset_rejects_unknown_kind():
-    with pytest.raises(UserError, match="did you mean 'kitti'"):
-        build_dataset({"kind": "kiti"}, "train", augment=False)
 
 
 def test_random_flip_records_its_decision_for_cached_teacher_maps(scene):

@@ -137,7 +137,7 @@ def build_completion_method(config: Config, student: DepthModel, device: torch.d
             f"data.val_split={config.data.val_split!r}: run.task=completion cannot validate during training (the "
             "validator feeds images only); set data.val_split=null and evaluate with benchmarks/completion.py"
         )
-    if not config.data.lidar_beams:
+    if not getattr(config.data, "lidar_beams", None):  # a key of kind kitti only
         raise UserError("run.task=completion needs sparse LiDAR depth: set data.lidar_beams (64, 32, 16 or a list)")
     if config.model.weights is None:
         tqdm.write("run.task=completion: model.weights is null, so stage 1 is a random-init model")

@@ -27,7 +27,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from depth_node.geometry import points_to_depth_image, transform_points
-from distill.data import make_sample, read_depth_png, read_rgb
+from distill.data.samples import make_sample, read_depth_png, read_rgb
 from distill.data.transforms import crop
 from distill.errors import UserError
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from distill.data import make_sample, read_depth_png, read_rgb
+from distill.data.samples import make_sample, read_depth_png, read_rgb
 from distill.data.transforms import scale_intrinsics
 from distill.errors import UserError
 

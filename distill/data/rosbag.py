@@ -37,7 +37,7 @@ from depth_node.conversions import (
     validate_camera_info,
 )
 from depth_node.geometry import lidar_to_depth, lookup_transform, pointcloud2_to_xyz, transform_to_matrix
-from distill.data import make_sample
+from distill.data.samples import make_sample
 from distill.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -37,7 +37,7 @@ from distill.data.world import FRAME_PERIOD, STYLES, Street, build_street
 from distill.errors import UserError
 
 BAGS = ("mcap", "sqlite3", "none")
-MIN_SIZE, MAX_SIZE = (64, 32), (4096, 2048)
+MIN_SIZE, MAX_SIZE = (32, 64), (2048, 4096)  # (height, width) pixels
 FRAMES_PER_DRIVE = 40
 SPLIT_SHARES = {"val": 0.15, "test": 0.15}
 GT_FOLDER = {"train": "train", "val": "val", "test": "val"}  # KITTI's depth benchmark has no test labels folder
@@ -81,11 +81,11 @@ def check_arguments(out: Path, frames: int, seed: int, domain: str, size: tuple[
         raise UserError(f"unknown --domain {domain!r}; choose one of {', '.join(STYLES)}")
     if bag not in BAGS:
         raise UserError(f"unknown --bag {bag!r}; choose one of {', '.join(BAGS)}")
-    width, height = size
-    if not (MIN_SIZE[0] <= width <= MAX_SIZE[0] and MIN_SIZE[1] <= height <= MAX_SIZE[1]):
+    height, width = size
+    if not (MIN_SIZE[0] <= height <= MAX_SIZE[0] and MIN_SIZE[1] <= width <= MAX_SIZE[1]):
         raise UserError(
-            f"--size {width}x{height} is out of range; width {MIN_SIZE[0]}-{MAX_SIZE[0]}, "
-            f"height {MIN_SIZE[1]}-{MAX_SIZE[1]} pixels (KITTI: 1242x375)"
+            f"--size {height}x{width} is out of range; height {MIN_SIZE[0]}-{MAX_SIZE[0]}, "
+            f"width {MIN_SIZE[1]}-{MAX_SIZE[1]} pixels (KITTI: 375x1242)"
         )
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -135,7 +135,7 @@ def render_frame(
 
 
 def write_world(
-    out: Path, frames: int, seed: int, domain: str = "kitti", size: tuple[int, int] = (1242, 375), bag: str = "mcap"
+    out: Path, frames: int, seed: int, domain: str = "kitti", size: tuple[int, int] = (375, 1242), bag: str = "mcap"
 ) -> None:
     """Render `frames` frames of the synthetic world into `out` (see the module docstring for the layout).
 
@@ -144,7 +144,7 @@ def write_world(
         frames: total frames, split over drives ~70/15/15 % train/val/test.
         seed: any whole number >= 0; the same arguments give byte-identical files.
         domain: "kitti" (KITTI-like look and rig) or "shifted" (other palette, light, camera height/pitch/focal).
-        size: image (width, height) in pixels; intrinsics scale with it.
+        size: image (height, width) in pixels; intrinsics scale with it.
         bag: rosbag2 storage per drive, "mcap", "sqlite3" or "none".
     """
     check_arguments(out, frames, seed, domain, size, bag)

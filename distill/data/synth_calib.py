@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-KITTI_SIZE = (1242, 375)  # width, height of KITTI's rectified images
+KITTI_SIZE = (375, 1242)  # height, width of KITTI's rectified images
 
 # KITTI raw 2011_09_26 calibration (Geiger et al., IJRR 2013): rectified intrinsics, rectifying rotation of
 # camera 0, metric offsets of the rectified cameras 0-3 (P_rect_0i = K @ [I | t_i]) and the Velodyne -> camera 0 pose.
@@ -104,18 +104,18 @@ def make_rig(
     camera_raise: float = 0.0,
     velo_height: float = 1.73,
 ) -> Rig:
-    """KITTI's rig scaled to `size` (width, height), with the domain's focal length, camera pitch and height.
+    """KITTI's rig scaled to `size` (height, width), with the domain's focal length, camera pitch and height.
 
     Args:
-        size: image width, height in pixels; intrinsics scale with it (pixel centres at integer coordinates).
+        size: image (height, width) in pixels; intrinsics scale with it (pixel centres at integer coordinates).
         date: recording day "YYYY_MM_DD" (names the calib folder).
         focal_scale: factor on fx, fy (< 1 widens the field of view).
         pitch_deg: extra downward tilt of the cameras, degrees.
         camera_raise: metres the cameras sit higher than in KITTI relative to the Velodyne.
         velo_height: metres of the Velodyne above the road (KITTI: 1.73).
     """
-    width, height = size
-    scale = np.array([width / KITTI_SIZE[0], height / KITTI_SIZE[1]])
+    height, width = size
+    scale = np.array([width / KITTI_SIZE[1], height / KITTI_SIZE[0]])
     fx, fy = KITTI_FX * focal_scale * scale
     cx, cy = (np.array([KITTI_CX, KITTI_CY]) + 0.5) * scale - 0.5
     K = np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])

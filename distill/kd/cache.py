@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from distill.config import Config, data_dict, load_config
+from distill.config import Config, load_config
 from distill.errors import UserError
 from distill.kd.teacher import is_precomputed, load_teacher
 from distill.models.teachers.precomputed import precomputed_path, write_precomputed
@@ -53,7 +53,7 @@ def cache_teacher(config: Config, out: Path, splits: Sequence[str], *, fmt: str 
     source = str(config.teacher.weights or config.teacher.spec)
     written = 0
     for split in dict.fromkeys(splits):
-        dataset = build_dataset(data_dict(config), split, augment=False)
+        dataset = build_dataset(config.data, split, augment=False)
         loader = DataLoader(dataset, batch_size=config.data.batch_size, num_workers=config.data.num_workers)
         for batch in tqdm(loader, desc=f"caching teacher ({split})", unit="batch"):
             names = list(batch["meta"]["name"])

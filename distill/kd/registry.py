@@ -31,7 +31,7 @@ from distill.errors import UserError, did_you_mean
 from distill.kd.method import Method, SupervisedMethod
 from distill.kd.teacher import check_cached_inputs, load_teacher
 from distill.models.base import DepthModel
-from distill.models.registry import Registry
+from distill.registry import Registry
 
 SUPERVISED = "none"  # kd.method of plain supervised training
 

@@ -33,10 +33,10 @@ from distill.errors import UserError
 from distill.models.base import DepthModel
 from distill.models.completion import KIND as COMPLETION_KIND
 from distill.models.completion import build_completion
-from distill.models.registry import Registry
 from distill.models.student import build_student
 from distill.models.teachers import build_teacher
 from distill.models.weights import load_weights
+from distill.registry import Registry
 
 TEACHER_SPEC = re.compile(r"^[a-z_]+:")  # "timm:...", "hybrid:...", "hf:<folder>", "onnx:<file>", ...
 

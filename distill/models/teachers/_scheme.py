@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl
 
 from distill.errors import UserError, did_you_mean
 from distill.models.base import DepthModel, OutputKind
-from distill.models.registry import Registry
+from distill.registry import Registry
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distill.data import read_depth_png
+from distill.data.samples import read_depth_png
 from distill.errors import UserError
 from distill.models.base import DepthModel, DepthOutput, OutputKind
 from distill.models.teachers._external import read_json
