@@ -45,3 +45,15 @@ def sample_data_root() -> Path:
 def missing_sample_files(root: Path) -> list[str]:
     """The entries of SAMPLE_FILES that are not files under `root`, in that order."""
     return [name for name in SAMPLE_FILES if not (root / name).is_file()]
+
+
+def sample_data_problem(root: Path) -> str | None:
+    """None when every file of SAMPLE_FILES is under `root`, else one line saying what is missing and how to fix it."""
+    missing = missing_sample_files(root)
+    if not missing:
+        return None
+    where = f"missing {', '.join(missing)}" if root.is_dir() else "no such folder"
+    return (
+        f"real sample data not found at {root} ({where}): set {ENV_VAR} to the folder holding kitti_raw_sample/, "
+        f"kitti_rosbag2_sample/ and nyu_sample/ (the {len(SAMPLE_FILES)} files listed in distill/sample_data.py)"
+    )

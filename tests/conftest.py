@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from distill.sample_data import ENV_VAR, SAMPLE_FILES, missing_sample_files, sample_data_root
+from distill.sample_data import sample_data_problem, sample_data_root
 
 # Every test session gets its own DDS domain so parallel runs never cross-talk (see shared/docs/ros.md).
 os.environ.setdefault("ROS_DOMAIN_ID", str(random.SystemRandom().randint(1, 100)))
@@ -24,17 +24,11 @@ def shared_data() -> Path:
     skip would hide a broken path, so the test fails.
     """
     root = sample_data_root()
-    missing = missing_sample_files(root)
-    if missing:
-        where = f"missing {', '.join(missing)}" if root.is_dir() else "no such folder"
-        reason = (
-            f"real sample data not found at {root} ({where}): set {ENV_VAR} to the folder holding "
-            f"kitti_raw_sample/, kitti_rosbag2_sample/ and nyu_sample/ (the {len(SAMPLE_FILES)} files listed in "
-            "distill/sample_data.py)"
-        )
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+    problem = sample_data_problem(root)
+    if problem and os.environ.get("CI", "").lower() == "true":
+        pytest.fail(problem)
+    if problem:
+        pytest.skip(problem)
     return root
 
 
