@@ -26,9 +26,10 @@ from pathlib import Path
 
 from distill.config import DEFAULT_CONFIG
 from distill.errors import UserError
+from distill.sample_data import sample_data_root
 
 CONFIG_DIR = DEFAULT_CONFIG.parent
-KITTI_SAMPLE = CONFIG_DIR.parents[1] / "shared" / "data" / "kitti_raw_sample"
+KITTI_SAMPLE = sample_data_root() / "kitti_raw_sample"
 IMAGE_TOPIC = "/kitti/camera_color_left/image_raw"
 CAMERA_INFO_TOPIC = "/kitti/camera_color_left/camera_info"
 MARKER = ".depthkd-demo"  # marks a folder the demo made, so a re-run may replace it

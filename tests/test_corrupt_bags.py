@@ -161,6 +161,7 @@ def test_a_message_that_does_not_decode_is_skipped_with_a_warning(bags, tmp_path
     assert "1 messages do not decode" in warning and SKIPPED.search(warning)[1] == "1"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("storage", ["mcap", "sqlite3"])
 def test_bytes_overwritten_anywhere_never_crash_nor_lose_frames_silently(bags, storage, tmp_path, caplog):
     bag = bags[storage][1]

@@ -81,6 +81,7 @@ def test_config_yaml_data_section_and_eval_defaults_are_used(tmp_path, run_dir, 
     assert unaligned["abs_rel"] != metrics["abs_rel"]  # the command line overrides the config's eval section
 
 
+@pytest.mark.slow
 def test_exported_onnx_scores_like_its_checkpoint(tmp_path, run_dir, synth_root, student):
     from distill.export import export_onnx
 

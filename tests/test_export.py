@@ -105,6 +105,7 @@ def test_cli_export_of_a_checkpoint_prints_how_to_run_it(tmp_path, capsys):
     assert_round_trip(model, path, SIZE)  # the checkpoint's weights, not a fresh init
 
 
+@pytest.mark.slow
 def test_random_init_export_through_the_cli(tmp_path):
     code = main(["export", "--arch", "resnet18", "--random-init", "--out", str(tmp_path), "--size", "64x192"])
     assert code == 0 and read_onnx_metadata(tmp_path / "resnet18_64x192.onnx").arch == "resnet18"

@@ -110,6 +110,7 @@ def test_depth_points_and_camera_info_from_one_frame(graph):
     assert probe.get("depth/confidence", stamp) is None  # this model has no bins
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("problem", "make_image", "warning"),
     [

@@ -55,6 +55,7 @@ def test_runtime_code_never_imports_torch_or_distill():
         assert not top_level_imports(path) & {"torch", "distill", "torchvision", "timm"}, path.name
 
 
+@pytest.mark.slow
 def test_setup_py_installs_the_launch_and_config_files_through_the_links(tmp_path):
     def setup(*command: str) -> None:
         subprocess.run([sys.executable, "setup.py", "-q", *command], cwd=PACKAGE, check=True, capture_output=True)

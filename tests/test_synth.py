@@ -129,6 +129,7 @@ def test_layout_and_formats(world):
             assert len((sync / "velodyne_points" / name).read_text().splitlines()) == len(stamps)
 
 
+@pytest.mark.slow
 def test_same_seed_same_bytes(world, tmp_path):
     again = tmp_path / "again"
     write_world(again, frames=3, seed=7, domain="kitti", size=SIZE, bag="mcap")
