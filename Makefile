@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 demo: $(STAMP)
-	$(PY) -m distill.demo
+	$(PY) -m distill.verbs.demo
 
 # Each script prints its figures and writes benchmarks/results/<name>.json (distill_gain and soak take long).
 bench: $(STAMP)

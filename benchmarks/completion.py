@@ -6,10 +6,10 @@ Rows, on the held-out test split with a 64-beam and a 16-beam LiDAR (the synthet
     mono          the mono student as it predicts (no LiDAR), for reference
     mono_aligned  the mono student robustly aligned to the LiDAR (stage 2, `align_depth`, as the node does)
     two_stage     the completion network on image + aligned depth + sparse LiDAR (stage 3)
-Both networks train through `distill.train.run_training` (config/student-effb0.yaml, then config/completion-effb0.yaml
-with 64/32/16 beams drawn per sample) at the world's own size; the scores are the KITTI metrics (`distill.metrics`) over
-the ground-truth pixels in (1e-3, 80) m of two regions (REGIONS): the KITTI protocol's Garg crop, and the full frame
-(where the completion must also fill the rows above the LiDAR's top beam).
+Both networks train through `distill.training.run.run_training` (config/student-effb0.yaml, then
+config/completion-effb0.yaml with 64/32/16 beams drawn per sample) at the world's own size; the scores are the KITTI
+metrics (`distill.metrics`) over the ground-truth pixels in (1e-3, 80) m of two regions (REGIONS): the KITTI protocol's
+Garg crop, and the full frame (where the completion must also fill the rows above the LiDAR's top beam).
 Latency: the completion network exported at 176x608 behind `depth_node.completion.CompletionRunner`, on a
 half-resolution KITTI-sized frame (188x621) of the same world, one ONNX Runtime thread. It reports the wall time
 (median) and the CPU time of the calling thread: this machine's 2 cores are shared, so the CPU time is what an idle
@@ -113,7 +113,7 @@ class Bench:
     def train(self, name: str, config: str, overrides: list[str]) -> Path:
         """Run `distill train CONFIG overrides` into root/name unless its last checkpoint is complete."""
         from distill.checkpoint import read_state
-        from distill.train import run_training
+        from distill.training.run import run_training
 
         run_dir = self.root / name
         steps = int(next(o for o in overrides if o.startswith("train.steps=")).split("=")[1])
@@ -204,8 +204,8 @@ def latency(bench: Bench, completion_dir: Path, runs: int) -> dict[str, float | 
     """Extra milliseconds per frame of the completion at the node's resolution (module docstring)."""
     from depth_node.completion import ip_basic_fill
     from depth_node.completion_engine import CompletionRunner
-    from distill.export import export_onnx
     from distill.models import load_model
+    from distill.verbs.export import export_onnx
 
     network, config = load_model(completion_dir / "last")
     onnx_path, _ = export_onnx(network, bench.root / "export", NODE_INPUT, False, 17, config)

@@ -1,18 +1,18 @@
 """Distillation gain on the synthetic world: one transformer teacher, students of one architecture under each method.
 
-Every run goes through `distill.train.run_training` and every score through `distill.evaluate.run_eval` (KITTI protocol,
-Garg crop, no alignment) on the held-out test split, so the figures are what `distill train` / `distill eval` give. Rows
-(DisDepth §3.3–3.4, TIE-KD §3, response KD of TIE-KD Table I): teacher; baseline (supervised student); lgconv;
-feature_kd (classic feature KD, no acclimation); fam (FAM + ghost decoder); disdepth (FAM + LAM); tiekd; response_*
-variants; gt_fill. The KD rows add LG-Conv when the setting's `kd_lgconv` is on (DisDepth Table 4 is cumulative: +LG,
-+KD, +FAM, +LAM). It is off by default: at 200 random-init steps LG-Conv alone costs RMSE (lgconv row), which would hide
-what each KD part adds. Label-free: the baseline student is fine-tuned by label-free KD on the unlabeled bags of a
-shifted-domain world and scored on that world's test split, against the baseline itself. Its teacher stands in for a
-foundation model that has seen scenes like the robot's: the kitti teacher fine-tuned (labelfree_teacher_steps) on the
-labels of a second shifted-domain world (another seed: other drives and frames). No label of the benchmarked shifted
-world is used; the kitti teacher itself does worse there than the student (so distilling it could only copy its errors).
-Rows whose method is not in this checkout report "not available"; a failing row is reported and does not stop the
-others.
+Every run goes through `distill.training.run.run_training` and every score through `distill.verbs.evaluate.run_eval`
+(KITTI protocol, Garg crop, no alignment) on the held-out test split, so the figures are what `distill train` / `distill
+eval` give. Rows (DisDepth §3.3–3.4, TIE-KD §3, response KD of TIE-KD Table I): teacher; baseline (supervised student);
+lgconv; feature_kd (classic feature KD, no acclimation); fam (FAM + ghost decoder); disdepth (FAM + LAM); tiekd;
+response_* variants; gt_fill. The KD rows add LG-Conv when the setting's `kd_lgconv` is on (DisDepth Table 4 is
+cumulative: +LG, +KD, +FAM, +LAM). It is off by default: at 200 random-init steps LG-Conv alone costs RMSE (lgconv row),
+which would hide what each KD part adds. Label-free: the baseline student is fine-tuned by label-free KD on the
+unlabeled bags of a shifted-domain world and scored on that world's test split, against the baseline itself. Its teacher
+stands in for a foundation model that has seen scenes like the robot's: the kitti teacher fine-tuned
+(labelfree_teacher_steps) on the labels of a second shifted-domain world (another seed: other drives and frames). No
+label of the benchmarked shifted world is used; the kitti teacher itself does worse there than the student (so
+distilling it could only copy its errors). Rows whose method is not in this checkout report "not available"; a failing
+row is reported and does not stop the others.
 
     python benchmarks/distill_gain.py --quick                 # smoke run (CI), tiny sizes, a few rows
     python benchmarks/distill_gain.py                         # full table, CPU-feasible (about an hour on 2 cores)
@@ -182,7 +182,7 @@ class Bench:
     def train(self, name: str, overrides: list[str]) -> Path:
         """Train (or resume, or reuse) run `name` with `overrides`; its folder is keyed by the overrides."""
         from distill.checkpoint import read_state
-        from distill.train import run_training
+        from distill.training.run import run_training
 
         key = hashlib.sha1("\n".join(overrides).encode()).hexdigest()[:8]
         run_dir = self.cache / "runs" / f"{name}-{key}"
@@ -196,7 +196,7 @@ class Bench:
 
     def score(self, run_dir: Path, world: Path) -> dict[str, float]:
         """Test-split metrics of a run's last checkpoint on `world` (cached in the run folder)."""
-        from distill.evaluate import run_eval
+        from distill.verbs.evaluate import run_eval
 
         path = run_dir / f"score-{world.name}.json"
         if not path.is_file():

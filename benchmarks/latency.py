@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from distill.bench import Latency, bench_engine, format_table, open_for_bench
-from distill.export import export_onnx
 from distill.models.info import count_flops, count_parameters
 from distill.models.student import STUDENT_ARCHS
 from distill.parsing import parse_size
+from distill.verbs.bench import Latency, bench_engine, format_table, open_for_bench
+from distill.verbs.export import export_onnx
 
 DEFAULT_STUDENTS = ("efficientnet_b0", "efficientnet_b3", "resnet18", "resnet50", "mobilenetv2_100", "ghostnet_100")
 DEFAULT_TEACHERS = ("timm:vit_small_patch16_224",)

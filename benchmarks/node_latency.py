@@ -45,8 +45,8 @@ def export_student(size: tuple[int, int], out_dir: Path) -> Path:
     """A random-init EfficientNet-B0 student with the CPU head (weights do not change the speed)."""
     import torch
 
-    from distill.export import export_onnx
     from distill.models.student import build_student
+    from distill.verbs.export import export_onnx
 
     torch.manual_seed(0)
     model = build_student("efficientnet_b0", decoder_width=32, bins=64).eval()

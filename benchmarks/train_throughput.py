@@ -17,8 +17,8 @@ import torch
 from distill.config import load_config
 from distill.data.sampling import ResumableSampler, SeededDataset
 from distill.kd.registry import build_method
-from distill.train import build_model_from_config
-from distill.trainer import Trainer
+from distill.training.run import build_model_from_config
+from distill.training.trainer import Trainer
 
 
 def random_samples(count: int, size: tuple[int, int]) -> list[dict]:

@@ -21,14 +21,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from distill.train import run_training
+    from distill.training.run import run_training
 
     run_training(args.config, args.overrides)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from distill.evaluate import run_eval
+    from distill.verbs.evaluate import run_eval
 
     run_eval(args.checkpoint, data=args.data, crop=args.crop, align=args.align, json_out=args.json)
     return 0
@@ -42,7 +42,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from distill.export import run_export
+    from distill.verbs.export import run_export
 
     run_export(
         args.checkpoint, out=args.out, formats=args.format, size=args.size, dynamic=args.dynamic, fp16=args.fp16,
@@ -52,21 +52,21 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from distill.kd.cache import run_cache
+    from distill.verbs.cache import run_cache
 
     run_cache(args.config, args.overrides, out=args.out, splits=args.splits, fmt=args.fmt)
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from distill.bench import run_bench
+    from distill.verbs.bench import run_bench
 
     run_bench(args.model, backend=args.backend, size=args.size, runs=args.runs, threads=args.threads)
     return 0
 
 
 def cmd_viz(args: argparse.Namespace) -> int:
-    from distill.viz import run_viz
+    from distill.verbs.viz import run_viz
 
     run_viz(
         args.source, model=args.model, out=args.out, max_frames=args.max_frames, colormap=args.colormap,

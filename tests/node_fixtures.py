@@ -80,8 +80,8 @@ def exported_student(tmp_path_factory) -> Path:
     if not path.is_file():
         import torch
 
-        from distill.export import export_onnx
         from distill.models import build_student
+        from distill.verbs.export import export_onnx
 
         torch.manual_seed(0)
         out.mkdir(parents=True, exist_ok=True)

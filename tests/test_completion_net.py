@@ -237,7 +237,7 @@ def test_export_matches_pytorch_in_onnx_runtime_and_the_runner_keeps_rep117_stat
     import onnxruntime as ort
 
     from depth_node.completion_engine import COMPLETION_INPUTS, CompletionRunner
-    from distill.export import export_onnx
+    from distill.verbs.export import export_onnx
 
     torch.manual_seed(0)
     net = CompletionNet(widths=(4, 8, 8), max_depth=80.0, lidar_gate=True)
@@ -356,8 +356,8 @@ def test_real_kitti_frame_lidar_aligned_depth_beats_the_unaligned_model(quick_be
     from depth_node.conversions import camera_info_to_P, image_to_numpy, to_rgb
     from depth_node.engine import open_engine
     from depth_node.geometry import pointcloud2_to_xyz, transform_to_matrix
-    from distill.export import export_onnx
     from distill.models import load_model
+    from distill.verbs.export import export_onnx
 
     camera = "/kitti/camera_color_left"
     bag = read_kitti_bag(shared_data / "kitti_rosbag2_sample" / "kitti_0001_f5_mcap")

@@ -29,7 +29,7 @@ from distill.config import load_config
 from distill.errors import UserError
 from distill.kd.registry import build_method
 from distill.models import load_model
-from distill.trainer import NonFiniteLossError, Trainer
+from distill.training.trainer import NonFiniteLossError, Trainer
 
 # Saves checkpoints step, step + 1, ... forever: weights and method tensors all equal to the step they belong to.
 WRITER = """
@@ -150,7 +150,7 @@ def test_nan_loss_stops_the_cli_and_keeps_the_last_good_checkpoint(tmp_path, syn
 
 
 def test_non_finite_weights_are_never_saved(tmp_path, synth_root):
-    from distill.train import _train_loader, build_model_from_config
+    from distill.training.run import _train_loader, build_model_from_config
 
     config = load_config(experiment(tmp_path, synth_root))
     method = build_method(config, build_model_from_config(config), torch.device("cpu"))

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from rosbags.highlevel import AnyReader
 
-from distill.demo import MARKER, DemoSettings, StageFailed, Stages, main, prepare_output, run_demo
 from distill.errors import UserError
+from distill.verbs.demo import MARKER, DemoSettings, StageFailed, Stages, main, prepare_output, run_demo
 
 IMAGE_TOPIC = "/kitti/camera_color_left/image_raw"
-BAR = 18  # title bar of each picture tile (distill.viz.labelled)
-GAP = 4  # pixels between tiles (distill.viz.mosaic)
+BAR = 18  # title bar of each picture tile (distill.verbs.viz.labelled)
+GAP = 4  # pixels between tiles (distill.verbs.viz.mosaic)
 
 
 def test_stages_time_each_stage_and_wrap_failures(capsys):

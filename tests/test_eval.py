@@ -16,10 +16,10 @@ from distill.cli import main as cli_main
 from distill.config import load_config, to_dict
 from distill.data import build_dataset
 from distill.errors import UserError
-from distill.evaluate import paste_into_full, run_eval
-from distill.inference import predict_depth
+from distill.inference import paste_into_full, predict_depth
 from distill.metrics import METRIC_KEYS, depth_metrics
 from distill.models import build_student, load_model
+from distill.verbs.evaluate import run_eval
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_config_yaml_data_section_and_eval_defaults_are_used(tmp_path, run_dir, 
 
 @pytest.mark.slow
 def test_exported_onnx_scores_like_its_checkpoint(tmp_path, run_dir, synth_root, student):
-    from distill.export import export_onnx
+    from distill.verbs.export import export_onnx
 
     onnx_path, _ = export_onnx(student, tmp_path, (64, 192), dynamic=False, opset=17, config={})
     from_torch = run_eval(run_dir, data=synth_root)

@@ -15,12 +15,12 @@ import torch
 
 from depth_node.engine import ModelLoadError, open_engine, plan_input, preprocess
 from depth_node.metadata import read_onnx_metadata
-from distill.bench import run_bench
 from distill.checkpoint import save_checkpoint
 from distill.cli import main
 from distill.errors import UserError
-from distill.export import config_hash, export_onnx, relative_error, run_export, smooth_random_image
 from distill.models import build_student
+from distill.verbs.bench import run_bench
+from distill.verbs.export import config_hash, export_onnx, relative_error, run_export, smooth_random_image
 
 SIZE = (64, 192)
 FAST_ARCHS = ["efficientnet_b0", "resnet18", "mobilenetv2_100"]

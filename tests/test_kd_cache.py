@@ -15,10 +15,10 @@ from distill.config import load_config, load_data_config
 from distill.data import build_dataset
 from distill.data.synth import write_world
 from distill.errors import UserError
-from distill.kd.cache import cache_teacher
 from distill.kd.registry import build_method
 from distill.kd.teacher import DistillMethod
 from distill.models import build_student, build_teacher
+from distill.verbs.cache import cache_teacher
 
 
 @pytest.fixture(scope="module")

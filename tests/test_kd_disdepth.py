@@ -31,8 +31,8 @@ from distill.kd.disdepth import (
 )
 from distill.kd.registry import build_method, resolve_kd
 from distill.models import build_student, build_teacher, load_model
-from distill.train import run_training
-from distill.trainer import Trainer
+from distill.training.run import run_training
+from distill.training.trainer import Trainer
 
 SIZE = (64, 96)  # (H, W): a multiple of 32, as the students and the ViT reassemble need
 

@@ -22,7 +22,7 @@ from distill.losses import silog_loss
 from distill.models import build_student
 from distill.models.base import DepthOutput
 from distill.models.teachers.precomputed import write_precomputed
-from distill.train import run_training
+from distill.training.run import run_training
 
 
 @pytest.mark.parametrize("kind", LOSSES)

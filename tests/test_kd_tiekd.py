@@ -17,7 +17,7 @@ from distill.kd.registry import build_method
 from distill.kd.tiekd import dpm_kl, gaussian_dpm, pin_uniform_bins, teacher_dpm, tiekd_terms
 from distill.models import build_student
 from distill.models.base import DepthOutput
-from distill.train import run_training
+from distill.training.run import run_training
 
 CENTERS = torch.linspace(0.5, 79.5, 80)  # 80 uniform 1 m bins over [0, 80]
 

@@ -22,7 +22,7 @@ from distill.cli import main
 from distill.config import load_config
 from distill.errors import UserError
 from distill.models import load_model
-from distill.train import run_training
+from distill.training.run import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 SCANNED = ("distill", "ros2_ws/src/depth_node", "benchmarks")

@@ -26,15 +26,15 @@ from depth_node.trt_backend import (
 )
 from distill.cli import main
 from distill.errors import UserError
-from distill.export import export_onnx, relative_error, smooth_random_image
-from distill.export_trt import (
+from distill.models import build_student
+from distill.verbs.export import export_onnx, relative_error, smooth_random_image
+from distill.verbs.export_trt import (
     build_engine,
     calibration_batches,
     calibration_images,
     optimisation_profile,
     timing_cache_name,
 )
-from distill.models import build_student
 
 SIZE = (64, 192)
 ROSBAG = "kitti_rosbag2_sample/kitti_0001_f5_mcap"

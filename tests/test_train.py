@@ -24,8 +24,8 @@ from distill.errors import UserError
 from distill.kd.method import SupervisedMethod
 from distill.models import build_student, load_model
 from distill.models.base import DepthOutput
-from distill.train import run_training
-from distill.trainer import lr_at
+from distill.training.run import run_training
+from distill.training.trainer import lr_at
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -148,8 +148,8 @@ def test_a_new_run_never_overwrites_and_resume_needs_a_checkpoint(tmp_path, synt
 
 def test_epochs_count_full_batches_and_set_the_method_total(tmp_path, synth_root):
     from distill.kd.registry import build_method
-    from distill.train import _train_loader, build_model_from_config
-    from distill.trainer import Trainer
+    from distill.training.run import _train_loader, build_model_from_config
+    from distill.training.trainer import Trainer
 
     config = load_config(experiment(tmp_path, synth_root), ["train.steps=null", "train.epochs=3"])
     loader = _train_loader(config)

@@ -1,4 +1,4 @@
-"""distill.viz: colour maps, PLY files, cloud previews and the `distill viz` verb on images, datasets and bags."""
+"""distill.verbs.viz: colour maps, PLY files, cloud previews and the `distill viz` verb on images, datasets and bags."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from distill.drawing import (
     write_ply,
 )
 from distill.errors import UserError
-from distill.viz import run_viz, source_kind
+from distill.verbs.viz import run_viz, source_kind
 
 IMAGE_TOPIC = "/kitti/camera_color_left/image_raw"
 
@@ -195,8 +195,8 @@ def test_viz_bag_depth_topic_to_pngs_ply_and_preview(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_onnx(tmp_path_factory) -> Path:
     """A random-init exported student (64x96): real ONNX Runtime inference through depth_node.engine."""
-    from distill.export import export_onnx
     from distill.models import build_student
+    from distill.verbs.export import export_onnx
 
     model = build_student("mobilenetv2_100", decoder_width=16, bins=16).eval()
     path, _ = export_onnx(model, tmp_path_factory.mktemp("onnx"), (64, 96), False, 17, {})

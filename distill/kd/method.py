@@ -1,9 +1,10 @@
 """What a training run optimises: a `Method` owns the model being trained and its named, weighted loss terms.
 
-A `Method` owns the model being trained (`student`, a student or a teacher) and whatever else a recipe trains or
-uses (KD heads, a frozen teacher). Its `forward(batch, step)` returns the model's output and a dict of named,
-already-weighted loss terms; the training loop (`distill.trainer.Trainer`) minimises their sum. Supervised training
-is `SupervisedMethod`; each distillation method is one file of `distill/kd/` registered in `distill.kd.registry`.
+A `Method` owns the model being trained (`student`, a student or a teacher) and whatever else a recipe trains or uses
+(KD heads, a frozen teacher). Its `forward(batch, step)` returns the model's output and a dict of named,
+already-weighted loss terms; the training loop (`distill.training.trainer.Trainer`) minimises their sum. Supervised
+training is `SupervisedMethod`; each distillation method is one file of `distill/kd/` registered in
+`distill.kd.registry`.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ ours, sized for the node's CPU budget (0.28 GMAC and 0.14 M parameters at 176x60
   of the stride-2 residual sit on depth edges, where the points are exact: on the synthetic benchmark (64 beams,
   KITTI protocol) the gate took δ1 from 0.969 to 0.981 at the same cost.
 
-Exported (distill.export) as a graph taking `image` (B, 3, H, W) normalised RGB, `aligned` (B, 1, H, W) metres,
+Exported (distill.verbs.export) as a graph taking `image` (B, 3, H, W) normalised RGB, `aligned` (B, 1, H, W) metres,
 `sparse` (B, 1, H, W) metres (0 = no point) and `mask` (B, 1, H, W) (1 = point), giving `depth` (B, 1, H, W) metres.
 """
 

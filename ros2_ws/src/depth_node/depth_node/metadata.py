@@ -1,7 +1,7 @@
 """The metadata an exported depthkd model carries, so the runtime needs no side configuration (no torch, no onnx).
 
 It is stored as one JSON object under the key "depthkd" of the ONNX model's `metadata_props` (and in the JSON
-sidecar beside a TensorRT engine). This module is the one definition of its fields; `distill.export` writes it,
+sidecar beside a TensorRT engine). This module is the one definition of its fields; `distill.verbs.export` writes it,
 `depth_node.engine` reads it.
 """
 

@@ -24,7 +24,7 @@ def run_training(config_path: Path | str | None, overrides: Sequence[str] = ()) 
     import torch.distributed as dist
 
     from distill.kd.registry import resolve_kd
-    from distill.trainer import Trainer
+    from distill.training.trainer import Trainer
 
     resolve_kd(config)
 
@@ -161,8 +161,7 @@ def _train_loader(config: Config):
 def _validator(config: Config, device):
     """Callable(model) -> validation metrics, or None when the config has no validation split."""
     from distill.data import build_dataset
-    from distill.evaluate import evaluate
-    from distill.inference import model_predictor
+    from distill.inference import evaluate, model_predictor
 
     if config.data.val_split is None:
         return None

@@ -77,7 +77,7 @@ def image_frames(paths: list[Path], predictor: Predictor, hfov_deg: float) -> It
 def dataset_frames(source: Path, predictor: Predictor) -> Iterator[VizFrame]:
     """Test-split frames of a dataset with their ground truth and intrinsics."""
     from distill.data import build_dataset
-    from distill.evaluate import data_config
+    from distill.verbs.evaluate import data_config
 
     config = data_config(source)
     dataset = build_dataset(config.data, config.data.test_split, augment=False)

@@ -109,7 +109,7 @@ def run_export(
         onnx_path, metadata = export_onnx(model, out, size, dynamic, opset, config, calib)
         written.append(onnx_path)
     if "engine" in chosen:
-        from distill.export_trt import build_engine
+        from distill.verbs.export_trt import build_engine
 
         precision = "int8" if int8 else "fp16" if fp16 else "fp32"
         out.mkdir(parents=True, exist_ok=True)
@@ -301,7 +301,7 @@ def parity_inputs(model: nn.Module, size: tuple[int, int], calib: Path | None) -
     """PARITY_SAMPLES graph feeds: "image" (1, 3, H, W) normalised, from calibration images if given, else smooth
     noise; plus, for models with more inputs, (1, 1, H, W) depth-like maps (see `depth_inputs`)."""
     if calib is not None:
-        from distill.export_trt import calibration_images
+        from distill.verbs.export_trt import calibration_images
 
         images = [image for image, _ in zip(calibration_images(calib), range(PARITY_SAMPLES))]
     else:

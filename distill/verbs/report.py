@@ -28,7 +28,7 @@ from distill.drawing import (
     write_png,
 )
 from distill.inference import open_predictor
-from distill.viz import bag_frames
+from distill.verbs.viz import bag_frames
 
 ROLES = ("teacher", "student", "kd")
 

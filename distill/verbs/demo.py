@@ -122,7 +122,7 @@ def prepare_output(out: Path) -> None:
             raise UserError(f"{out} exists and was not made by the demo: move it away first")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("made by `make demo` (python -m distill.demo); safe to delete\n")
+    (out / MARKER).write_text("made by `make demo` (python -m distill.verbs.demo); safe to delete\n")
 
 
 def set_threads(requested: int) -> int:
@@ -177,7 +177,7 @@ def train_overrides(settings: DemoSettings, name: str, steps: int, extra: list[s
 
 def train(settings: DemoSettings, config: str, name: str, steps: int, extra: list[str]) -> Path:
     """`distill train config/<config> ...` in this process; returns the run folder."""
-    from distill.train import run_training
+    from distill.training.run import run_training
 
     overrides = train_overrides(settings, name, steps, extra)
     print(f"distill train config/{config} " + " ".join(overrides))
@@ -222,8 +222,8 @@ class BackgroundTraining:
 
 def export(settings: DemoSettings, runs: dict[str, Path], results: dict) -> dict[str, Path]:
     """ONNX files of the teacher (for the speed comparison) and of the distilled student (the deliverable)."""
-    from distill.export import export_onnx, print_usage
     from distill.models import load_model
+    from distill.verbs.export import export_onnx, print_usage
 
     exported = {}
     for role in ("teacher", "kd"):
@@ -237,11 +237,11 @@ def export(settings: DemoSettings, runs: dict[str, Path], results: dict) -> dict
 
 def evaluate_all(settings: DemoSettings, runs: dict[str, Path], onnx: dict[str, Path], results: dict) -> None:
     """Metrics of every model on the test split, params/GFLOPs, ONNX Runtime latency and the speed ratio."""
-    from distill.bench import bench_engine, open_for_bench
-    from distill.evaluate import run_eval
     from distill.metrics import format_metrics_table
     from distill.models import load_model
     from distill.models.info import count_flops, count_parameters
+    from distill.verbs.bench import bench_engine, open_for_bench
+    from distill.verbs.evaluate import run_eval
 
     data, names = settings.out / "data", model_names(settings)
     models = {}
@@ -271,7 +271,7 @@ def model_names(settings: DemoSettings) -> dict[str, str]:
 
 def live_node(settings: DemoSettings, model: Path, results: dict) -> None:
     """The real depth_node process on the exported student, fed the test bag at camera rate; outputs recorded."""
-    from distill.ros_player import NodeProcess, replay_and_record
+    from distill.verbs.ros_player import NodeProcess, replay_and_record
 
     script = Path(sys.executable).with_name("depth_node")
     if not script.is_file():
@@ -306,8 +306,7 @@ def kitti_frame(settings: DemoSettings, model: Path, results: dict) -> None:
     """The exported student on the real KITTI frame, scored against the official annotated ground truth."""
     from distill.config import load_data_config
     from distill.data import build_dataset
-    from distill.evaluate import evaluate
-    from distill.inference import engine_predictor
+    from distill.inference import engine_predictor, evaluate
 
     root = settings.kitti
     data = {"kind": "kitti", "root": str(root), "raw_root": str(root), "gt_root": str(root / "data_depth_annotated")}
@@ -324,7 +323,7 @@ def kitti_frame(settings: DemoSettings, model: Path, results: dict) -> None:
 
 def run_demo(settings: DemoSettings) -> dict:
     """Run every stage; returns the report dict also written to out/report.json."""
-    from distill.report import write_report
+    from distill.verbs.report import write_report
 
     has_kitti = settings.kitti.is_dir()
     titles = ["synthetic world", "teacher + student baseline", f"distilled student ({settings.method})",

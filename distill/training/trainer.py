@@ -87,7 +87,7 @@ class Trainer:
     Args:
         config: the resolved run config.
         method: the method, already on `device` (not yet DDP-wrapped).
-        loader: training DataLoader whose sampler is a `distill.data.sampling.ResumableSampler` (see distill.train).
+        loader: training DataLoader whose sampler is a `distill.data.sampling.ResumableSampler` (see training/run.py).
         validate: callable(model) -> metrics dict, run on rank 0 only; None disables validation.
         run_dir: where checkpoints and logs go (rank 0 writes).
         device: the rank's device.
