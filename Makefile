@@ -18,7 +18,7 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
-# The inner loop: everything not marked slow (about two minutes on a 2-core CPU).
+# The inner loop: everything not marked slow (about a minute on an idle 2-core CPU; the slow tier ~7 min).
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
