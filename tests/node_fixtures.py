@@ -20,14 +20,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from depth_node.conversions import image_to_numpy, numpy_to_image_fields
-from depth_node.geometry import make_pointcloud2
+from depth_node.codec import ROS_TYPES, make_pointcloud2
+from depth_node.image_codec import image_to_numpy, numpy_to_image_fields
 from depth_node.metadata import METADATA_KEY, ModelMetadata
+from depth_node.topics import KITTI_CAMERA, OUTPUTS
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ros2_ws" / "src" / "depth_node"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 STUDENT_SIZE = (64, 192)
-OUTPUTS = ("depth", "depth/relative", "depth/mono", "depth/confidence", "depth/camera_info", "points")
 
 
 def ramp_model(path: Path, size=(48, 64), kind="metric", scale=1.0, offset=1.0, depth_range=(0.5, 3.0)) -> Path:
@@ -218,9 +218,8 @@ class Probe:
         self.logs: list[tuple[int, str, str]] = []
         self.diagnostics: list = []
         self._lock = threading.Lock()
-        kinds = {"depth/camera_info": CameraInfo, "points": PointCloud2}
-        for topic in OUTPUTS:
-            self.node.create_subscription(kinds.get(topic, Image), self.names[topic], self._recorder(topic), reliable)
+        for topic, kind in OUTPUTS.items():
+            self.node.create_subscription(ROS_TYPES[kind], self.names[topic], self._recorder(topic), reliable)
         self.node.create_subscription(Log, "/rosout", lambda m: self.logs.append((m.level, m.name, m.msg)), reliable)
         self.node.create_subscription(DiagnosticArray, "diagnostics", self.diagnostics.append, reliable)
         self.executor = MultiThreadedExecutor(num_threads=3, context=context)
@@ -274,7 +273,6 @@ def spin_until(
 
 # --- the real KITTI frame --------------------------------------------------------------------------------------------
 KITTI_BAG = Path("kitti_rosbag2_sample") / "kitti_0001_f5_mcap"
-KITTI_CAMERA = "/kitti/camera_color_left"
 
 
 def kitti_messages(shared_data: Path) -> dict[str, object]:
@@ -287,7 +285,7 @@ def kitti_messages(shared_data: Path) -> dict[str, object]:
 
 def kitti_frame(shared_data: Path):
     """(rgb (375, 1242, 3) uint8, rclpy CameraInfo) of the real KITTI frame."""
-    from depth_node.conversions import to_rgb
+    from depth_node.image_codec import to_rgb
 
     messages = kitti_messages(shared_data)
     info = messages[f"{KITTI_CAMERA}/camera_info"]

@@ -25,7 +25,7 @@ from rosbags.highlevel import AnyReader
 from rosbags.typesys import Stores, get_typestore
 
 from depth_node.bag import main
-from depth_node.geometry import transform_to_matrix
+from depth_node.codec import transform_to_matrix
 from depth_node.params import lidar_to_camera_matrix, load_params_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,63 +171,72 @@ def test_console_script_refuses_to_overwrite_and_names_a_missing_model(student, 
     assert missing.returncode == 2 and f"model file not found: {tmp_path / 'none.onnx'}" in missing.stderr
 
 
-def write_synthetic_bag(path: Path, scan_delay_s: float) -> np.ndarray:
-    """A one-frame mcap: 48x64 ramp image + camera_info at t, a scan of the true surface logged scan_delay_s later.
+def write_ramp_bag(path: Path, frames: list[tuple[int, int, float | None]]) -> np.ndarray:
+    """An mcap of 48x64 ramp frames (image + camera_info), each with a scan of the true surface or none.
 
-    Returns the true depth (H, W) metres, 2.5 * (red/255 + 1) + 0.3: what the ramp model outputs, mis-scaled.
+    Args:
+        frames: per frame (header stamp ns, log time ns, scan delay s): the scan carries the image's header stamp and
+            is logged `delay` seconds after it; None: no scan for this frame.
+
+    Returns:
+        The true depth (H, W) metres, 2.5 * (red/255 + 1) + 0.3: what the ramp model outputs, mis-scaled.
     """
     from rosbags.rosbag2 import StoragePlugin, Writer
 
-    from depth_node.geometry import pack_cloud
+    from depth_node.codec import pack_cloud
 
     height, width, K = 48, 64, np.array([[60.0, 0, 31.5], [0, 60.0, 23.5], [0, 0, 1]])
     rgb = ramp_image(height, width)
     truth = 2.5 * (rgb[..., 0] / 255.0 + 1.0) + 0.3
     store = get_typestore(Stores.ROS2_HUMBLE)
-    types, stamp = store.types, 1_700_000_000_000_000_000
-    header = types["std_msgs/msg/Header"](
-        stamp=types["builtin_interfaces/msg/Time"](sec=stamp // 10**9, nanosec=0), frame_id="camera"
-    )
-    image = types["sensor_msgs/msg/Image"](
-        header=header, height=height, width=width, encoding="rgb8", is_bigendian=0, step=width * 3, data=rgb.reshape(-1)
-    )
-    roi = types["sensor_msgs/msg/RegionOfInterest"](x_offset=0, y_offset=0, height=0, width=0, do_rectify=False)
-    info = types["sensor_msgs/msg/CameraInfo"](
-        header=header,
-        height=height,
-        width=width,
-        distortion_model="plumb_bob",
-        d=np.zeros(5),
-        k=K.reshape(-1),
-        r=np.eye(3).reshape(-1),
-        p=np.concatenate([K, np.zeros((3, 1))], 1).reshape(-1),
-        binning_x=0,
-        binning_y=0,
-        roi=roi,
-    )
+    types = store.types
     points = surface_scan(truth, K, np.eye(4))[None]
     packed = pack_cloud(points)
     field = types["sensor_msgs/msg/PointField"]
-    cloud = types["sensor_msgs/msg/PointCloud2"](
-        header=header,
-        height=1,
-        width=points.shape[1],
-        is_bigendian=False,
-        point_step=packed.point_step,
-        row_step=packed.point_step * points.shape[1],
-        data=np.frombuffer(packed.payload, np.uint8),
-        is_dense=False,
-        fields=[field(name=f.name, offset=f.offset, datatype=f.datatype, count=f.count) for f in packed.fields],
-    )
+    roi = types["sensor_msgs/msg/RegionOfInterest"](x_offset=0, y_offset=0, height=0, width=0, do_rectify=False)
+
+    def messages(header) -> dict[str, object]:
+        image = types["sensor_msgs/msg/Image"](header=header, height=height, width=width, encoding="rgb8",
+                                               is_bigendian=0, step=width * 3, data=rgb.reshape(-1))  # fmt: skip
+        info = types["sensor_msgs/msg/CameraInfo"](
+            header=header, height=height, width=width, distortion_model="plumb_bob", d=np.zeros(5), k=K.reshape(-1),
+            r=np.eye(3).reshape(-1), p=np.concatenate([K, np.zeros((3, 1))], 1).reshape(-1), binning_x=0,
+            binning_y=0, roi=roi,
+        )  # fmt: skip
+        cloud = types["sensor_msgs/msg/PointCloud2"](
+            header=header, height=1, width=points.shape[1], is_bigendian=False, point_step=packed.point_step,
+            row_step=packed.point_step * points.shape[1], data=np.frombuffer(packed.payload, np.uint8), is_dense=False,
+            fields=[field(name=f.name, offset=f.offset, datatype=f.datatype, count=f.count) for f in packed.fields],
+        )  # fmt: skip
+        return {IMAGE_TOPIC: image, f"{KITTI_CAMERA}/camera_info": info, "/kitti/velo/pointcloud": cloud}
+
     with Writer(path, version=8, storage_plugin=StoragePlugin.MCAP) as writer:
-        for topic, message, delay in (
-            (IMAGE_TOPIC, image, 0.0),
-            (f"{KITTI_CAMERA}/camera_info", info, 0.0),
-            ("/kitti/velo/pointcloud", cloud, scan_delay_s),
-        ):
-            connection = writer.add_connection(topic, message.__msgtype__, typestore=store)
-            writer.write(connection, stamp + int(delay * 1e9), store.serialize_cdr(message, message.__msgtype__))
+        connections = {}
+        for stamp, logged, scan_delay_s in frames:
+            time = types["builtin_interfaces/msg/Time"](sec=stamp // 10**9, nanosec=stamp % 10**9)
+            for topic, message in messages(types["std_msgs/msg/Header"](stamp=time, frame_id="camera")).items():
+                delay = scan_delay_s if topic == "/kitti/velo/pointcloud" else 0.0
+                if delay is None:
+                    continue
+                if topic not in connections:
+                    connections[topic] = writer.add_connection(topic, message.__msgtype__, typestore=store)
+                raw = store.serialize_cdr(message, message.__msgtype__)
+                writer.write(connections[topic], logged + int(delay * 1e9), raw)
     return truth
+
+
+def write_synthetic_bag(path: Path, scan_delay_s: float) -> np.ndarray:
+    """A one-frame mcap: ramp image + camera_info at t, a scan of the true surface logged scan_delay_s later."""
+    stamp = 1_700_000_000_000_000_000
+    return write_ramp_bag(path, [(stamp, stamp, scan_delay_s)])
+
+
+def read_all(path: Path, topic: str) -> dict[int, object]:
+    """Header stamp (ns) -> message of every message on `topic`."""
+    with AnyReader([path]) as reader:
+        connections = [c for c in reader.connections if c.topic == topic]
+        messages = [reader.deserialize(raw, c.msgtype) for c, _, raw in reader.messages(connections=connections)]
+    return {m.header.stamp.sec * 10**9 + m.header.stamp.nanosec: m for m in messages}
 
 
 @pytest.mark.parametrize("scan_delay_s", [0.02, 0.3])
@@ -240,5 +249,30 @@ def test_a_scan_logged_after_its_image_is_paired_within_lidar_max_dt(tmp_path, c
         assert "1/1 frames aligned to LiDAR" in out
         np.testing.assert_allclose(depth, truth, rtol=0.01)
     else:  # logged too late to wait for: the metric model's own (wrong) scale, and a warning
-        assert "1 x no LiDAR scan within lidar_max_dt = 0.05 s: frame not aligned" in out
+        assert "1 x no LiDAR scan within lidar_max_dt=0.05 s of the image: frame not aligned" in out
         np.testing.assert_allclose(depth, (truth - 0.3) / 2.5, rtol=1e-3)
+
+
+def test_stamps_jumping_back_reset_the_lidar_scale_prior_as_in_the_node(tmp_path, capsys):
+    """A bag recorded over a looping player: the scale fitted before the loop must not carry over to its start."""
+    end, start, second = 100 * 10**9, 1 * 10**9, 10**9
+    frames = [
+        (end, end, 0.0),  # a scan: fitted
+        (end + second // 10, end + second // 10, None),  # no scan: the prior holds the scale
+        (start, end + second // 5, None),  # the stream starts over (logged later, stamped earlier), no scan yet
+    ]
+    truth = write_ramp_bag(tmp_path / "in", frames)
+    model = ramp_model(tmp_path / "ramp.onnx", size=truth.shape)
+    assert main([str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(model), "-p", "use_lidar:=true"]) == 0
+    out = capsys.readouterr().out
+    depth = {stamp: depth_array(message) for stamp, message in read_all(tmp_path / "out", "/depth").items()}
+    assert sorted(depth) == sorted(stamp for stamp, _, _ in frames)
+    np.testing.assert_allclose(depth[end], truth, rtol=0.01)
+    np.testing.assert_allclose(depth[end + second // 10], truth, rtol=0.01)  # from the prior
+    np.testing.assert_allclose(depth[start], (truth - 0.3) / 2.5, rtol=1e-3)  # reset: the model's own scale
+    assert (
+        "depth_node_bag: image stamps went back more than 1 s (a new stream): LiDAR scale prior reset (by 99.1 s)"
+        in out
+    )
+    assert "  1 x image stamps went back more than 1 s (a new stream): LiDAR scale prior reset" in out
+    assert "2/3 frames aligned to LiDAR" in out

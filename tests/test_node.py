@@ -32,7 +32,8 @@ from node_fixtures import (
 )
 from rclpy.parameter import Parameter
 
-from depth_node.node import DepthNode, FrameSlot
+from depth_node.frame_slot import FrameSlot
+from depth_node.node import DepthNode
 
 pytestmark = pytest.mark.ros
 
@@ -152,7 +153,7 @@ def test_nan_intrinsics_skip_the_frame_and_valid_ones_resume(graph):
     bad_info.k[0] = bad_info.p[0] = math.nan
     probe.pub_info.publish(bad_info)
     spin_until(
-        lambda: node.camera_info is not None and math.isnan(node.camera_info.k[0]),
+        lambda: node.stream.camera_info is not None and math.isnan(node.stream.camera_info.k[0]),
         lambda: probe.pub_info.publish(bad_info),
     )
     bad_stamp = Stamps.new()

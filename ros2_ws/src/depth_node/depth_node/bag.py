@@ -2,12 +2,12 @@
 
 The live node's pipeline, offline over a recorded bag: rosbag2 (sqlite3 or mcap) or ROS 1, read with `rosbags`.
 Writes a new mcap (rosbag2) holding every original topic (ROS 1 messages converted as `rosbags-convert` does) plus
-`/depth` (or `/depth/relative`), `/depth/camera_info`, `/points`, `/depth/confidence` and, with LiDAR,
-`/depth/mono`, stamped like the images. Foxglove and `ros2 bag play` open it. No rclpy needed.
+the node's outputs (topics.OUTPUTS) under absolute names (`/depth`, `/points`, ...), stamped like the images.
+Foxglove and `ros2 bag play` open it. No rclpy needed.
 
-Parameters are the node's (depth_node.params), from the same params file; with use_lidar each image is paired with
-the scan nearest in stamp within lidar_max_dt, exactly as the node does (use_tf takes the extrinsic from the bag's
-/tf_static).
+Parameters are the node's (depth_node.params), from the same params file. Each frame goes through the node's own
+stream.FrameStream (CameraInfo checks, scan pairing within lidar_max_dt, the reset on a stream restart); use_tf
+takes the extrinsic from the bag's /tf_static.
 """
 
 from __future__ import annotations
@@ -27,32 +27,25 @@ from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 from tqdm import tqdm
 
-from depth_node import conversions, params
-from depth_node.geometry import lookup_transform, pointcloud2_to_xyz, transform_to_matrix
+from depth_node import params
+from depth_node.codec import make_header, output_message, transform_to_matrix
+from depth_node.geometry import lookup_transform
 from depth_node.memory import reuse_large_buffers
 from depth_node.metadata import ModelLoadError
-from depth_node.pipeline import DepthPipeline, FrameResult, StampBuffer, build_pipeline
+from depth_node.pipeline import DepthPipeline, build_pipeline
+from depth_node.stream import Event, FrameStream
+from depth_node.topics import COMPRESSED_IMAGE, IMAGE, KITTI_INPUTS, OUTPUTS
 
-KITTI_CAMERA = "/kitti/camera_color_left"
-KITTI_LIDAR = "/kitti/velo/pointcloud"
-IMAGE = "sensor_msgs/msg/Image"
-OUTPUTS = {
-    "/depth": IMAGE,
-    "/depth/relative": IMAGE,
-    "/depth/mono": IMAGE,
-    "/depth/confidence": IMAGE,
-    "/depth/camera_info": "sensor_msgs/msg/CameraInfo",
-    "/points": "sensor_msgs/msg/PointCloud2",
-}
 HOLD_SLACK_S = 0.1  # how much later than its stamp window a scan may be logged (recording latency)
+OUTPUT_TYPES = {"/" + name: kind for name, kind in OUTPUTS.items()}  # the outputs, under absolute names
 
 
 @dataclass
 class BagSummary:
-    """What a run did: frames processed, warnings (reason -> count), aligned to LiDAR, per-topic messages written."""
+    """What a run did: frames processed, events (text -> count), aligned to LiDAR, per-topic messages written."""
 
     frames: int = 0
-    warnings: Counter = field(default_factory=Counter)
+    events: Counter = field(default_factory=Counter)
     aligned: int = 0
     written: Counter = field(default_factory=Counter)
     latencies_ms: list[float] = field(default_factory=list)
@@ -71,7 +64,9 @@ class OutputBag:
             self.typestore.register(reader.typestore.fielddefs)
         self.writer = Writer(path, version=8, storage_plugin=StoragePlugin.MCAP)
         self.writer.open()
-        copied = [c for c in reader.connections if c.topic not in OUTPUTS]  # outputs of an earlier run are replaced
+        copied = [
+            c for c in reader.connections if c.topic not in OUTPUT_TYPES
+        ]  # outputs of an earlier run are replaced
         self._connections, self._converters = create_connections_converters(copied, self.typestore, reader, self.writer)
         self._outputs: dict[str, object] = {}
 
@@ -82,8 +77,8 @@ class OutputBag:
 
     def write(self, topic: str, timestamp: int, message) -> None:
         if topic not in self._outputs:
-            self._outputs[topic] = self.writer.add_connection(topic, OUTPUTS[topic], typestore=self.typestore)
-        self.writer.write(self._outputs[topic], timestamp, self.typestore.serialize_cdr(message, OUTPUTS[topic]))
+            self._outputs[topic] = self.writer.add_connection(topic, OUTPUT_TYPES[topic], typestore=self.typestore)
+        self.writer.write(self._outputs[topic], timestamp, self.typestore.serialize_cdr(message, OUTPUT_TYPES[topic]))
 
     def __enter__(self) -> OutputBag:
         return self
@@ -93,23 +88,22 @@ class OutputBag:
 
 
 class BagRun:
-    """The per-message state of one run: latest camera_info, recent scans, /tf_static, images not yet processed."""
+    """The per-message state of one run: the frame stream, /tf_static, images not yet processed."""
 
     def __init__(self, pipeline: DepthPipeline, out: OutputBag, values: dict):
-        self.pipeline, self.out, self.params = pipeline, out, values
-        self.types = out.typestore.types
-        self.info = None
-        self.clouds = StampBuffer(size=10)
+        self.out, self.types = out, out.typestore.types
         self.tf_edges: dict[tuple[str, str], np.ndarray] = {}
+        lookup = self._tf_static if values["use_tf"] else None
+        self.stream = FrameStream(pipeline, values, self._report, transform_for=lookup, scan_buffer=10)
         self.pending: deque = deque()
         self.hold_ns = int((values["lidar_max_dt"] + HOLD_SLACK_S) * 1e9) if values["use_lidar"] else 0
         self.summary = BagSummary()
 
     def handle(self, role: str, message, timestamp: int) -> None:
         if role == "camera_info":
-            self.info = conversions.ros2_camera_info(message)
+            self.stream.on_camera_info(message)
         elif role == "lidar":
-            self.clouds.add(stamp_ns(message.header), message)
+            self.stream.on_scan(message)
         elif role == "tf":
             for transform in message.transforms:
                 self.tf_edges[(transform.header.frame_id, transform.child_frame_id)] = transform_to_matrix(
@@ -127,116 +121,32 @@ class BagRun:
             self._process(*self.pending.popleft())
 
     def _process(self, timestamp: int, message) -> None:
-        start, info = time.perf_counter(), self.info
-        if info is None:
-            self._warn("image skipped: no camera_info before it")
+        frame = self.stream.process(message)
+        if frame is None:
             return
-        try:
-            conversions.validate_camera_info(info)
-            rgb = conversions.image_msg_to_rgb(message)
-        except ValueError as error:
-            self._warn(f"image skipped: {error}")
-            return
-        if (int(info.width), int(info.height)) != (rgb.shape[1], rgb.shape[0]):
-            info = conversions.scale_camera_info(info, rgb.shape[1], rgb.shape[0])
-        points, transform = self._paired_cloud(message.header) if self.params["use_lidar"] else (None, None)
-        result = self.pipeline.process(rgb, conversions.camera_info_to_P(info), points, transform)
-        self._write(timestamp, self._header(message.header), info, result)
-        self.summary.latencies_ms.append((time.perf_counter() - start) * 1e3)
+        start = time.perf_counter()
+        header = make_header(self.types, frame.stamp, frame.frame_id)
+        for topic, payload in frame.outputs().items():
+            self.out.write("/" + topic, timestamp, output_message(topic, header, payload, self.types))
+            self.summary.written["/" + topic] += 1
+        stages = self.stream.finish(frame, write=(time.perf_counter() - start) * 1e3)
+        self.summary.latencies_ms.append(stages["total"])
         self.summary.frames += 1
-        self.summary.aligned += bool(result.alignment is not None and result.alignment.ok)
+        self.summary.aligned += bool(frame.result.alignment is not None and frame.result.alignment.ok)
 
-    def _paired_cloud(self, header) -> tuple[np.ndarray | None, np.ndarray | None]:
-        cloud, _ = self.clouds.nearest(stamp_ns(header), self.params["lidar_max_dt"])
-        if cloud is None:
-            self._warn(f"no LiDAR scan within lidar_max_dt = {self.params['lidar_max_dt']} s: frame not aligned")
-            return None, None
-        try:
-            points = pointcloud2_to_xyz(cloud)
-        except ValueError as error:
-            self._warn(f"LiDAR scan unusable: {error}")
-            return None, None
-        if not self.params["use_tf"]:
-            return points, None
-        transform = lookup_transform(self.tf_edges, header.frame_id, cloud.header.frame_id)
+    def _tf_static(self, camera_frame: str, scan_header) -> np.ndarray | None:
+        transform = lookup_transform(self.tf_edges, camera_frame, scan_header.frame_id)
         if transform is None:
-            self._warn(f"/tf_static has no {cloud.header.frame_id} -> {header.frame_id}: used lidar_to_camera")
-        return points, transform
+            text = f"/tf_static has no {scan_header.frame_id} -> {camera_frame}: used lidar_to_camera"
+            self._report(Event("tf", text))
+        return transform
 
-    def _write(self, timestamp: int, header, info, result: FrameResult) -> None:
-        images = {
-            "/depth" if result.metric else "/depth/relative": result.depth,
-            "/depth/mono": result.mono,
-            "/depth/confidence": result.confidence,
-        }
-        for topic, image in images.items():
-            if image is not None:
-                self._emit(topic, timestamp, self._image(header, image))
-        self._emit("/depth/camera_info", timestamp, self._camera_info(header, info))
-        if result.cloud is not None:
-            self._emit("/points", timestamp, self._cloud(header, result))
-
-    def _emit(self, topic: str, timestamp: int, message) -> None:
-        self.out.write(topic, timestamp, message)
-        self.summary.written[topic] += 1
-
-    def _warn(self, reason: str) -> None:
-        """Print a warning the first time it happens; the summary counts them all."""
-        if reason not in self.summary.warnings:
-            tqdm.write(f"depth_node_bag: warning: {reason}")
-        self.summary.warnings[reason] += 1
-
-    # --- ROS 2 messages for the outputs ----------------------------------------------------------------------------
-    def _header(self, header):
-        stamp = self.types["builtin_interfaces/msg/Time"](sec=int(header.stamp.sec), nanosec=int(header.stamp.nanosec))
-        return self.types["std_msgs/msg/Header"](stamp=stamp, frame_id=str(header.frame_id))
-
-    def _image(self, header, image: np.ndarray):
-        fields = conversions.numpy_to_image_fields(image, "32FC1")
-        fields["data"] = np.frombuffer(fields["data"], dtype=np.uint8)
-        return self.types[IMAGE](header=header, **fields)
-
-    def _camera_info(self, header, info):
-        roi = self.types["sensor_msgs/msg/RegionOfInterest"](
-            x_offset=int(info.roi.x_offset),
-            y_offset=int(info.roi.y_offset),
-            height=int(info.roi.height),
-            width=int(info.roi.width),
-            do_rectify=bool(info.roi.do_rectify),
-        )
-        arrays = {name: np.asarray(getattr(info, name), dtype=np.float64) for name in ("d", "k", "r", "p")}
-        return self.types["sensor_msgs/msg/CameraInfo"](
-            header=header,
-            height=int(info.height),
-            width=int(info.width),
-            distortion_model=str(info.distortion_model),
-            binning_x=int(info.binning_x),
-            binning_y=int(info.binning_y),
-            roi=roi,
-            **arrays,
-        )
-
-    def _cloud(self, header, result: FrameResult):
-        cloud = result.cloud
-        height, width = cloud.points.shape[:2]
-        point_field = self.types["sensor_msgs/msg/PointField"]
-        return self.types["sensor_msgs/msg/PointCloud2"](
-            header=header,
-            height=height,
-            width=width,
-            is_bigendian=False,
-            point_step=cloud.point_step,
-            row_step=cloud.point_step * width,
-            data=np.frombuffer(cloud.payload, dtype=np.uint8),
-            is_dense=False,
-            fields=[
-                point_field(name=f.name, offset=f.offset, datatype=f.datatype, count=f.count) for f in cloud.fields
-            ],
-        )
-
-
-def stamp_ns(header) -> int:
-    return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
+    def _report(self, event: Event) -> None:
+        """Print an event the first time it happens; the summary counts them all."""
+        if event.text not in self.summary.events:
+            prefix = "warning: " if event.level == "warning" else ""
+            tqdm.write(f"depth_node_bag: {prefix}{event.line}")
+        self.summary.events[event.text] += 1
 
 
 def process_bag(in_bag: Path, out_bag: Path, pipeline: DepthPipeline, topics: dict[str, str], values: dict):
@@ -276,7 +186,7 @@ def _roles(reader: AnyReader, topics: dict[str, str], in_bag: Path) -> dict[str,
         if topic not in available:
             raise ValueError(f"{in_bag}: no {role} topic {topic!r}; the bag has: {', '.join(sorted(available))}")
     image_type = available[topics["image"]]
-    if image_type not in (IMAGE, "sensor_msgs/msg/CompressedImage"):
+    if image_type not in (IMAGE, COMPRESSED_IMAGE):
         raise ValueError(f"{topics['image']} is {image_type}, not an Image or CompressedImage")
     return {topic: role for role, topic in topics.items()} | ({"/tf_static": "tf"} if "/tf_static" in available else {})
 
@@ -295,9 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME:=VALUE",
         help="override one node parameter, as with --ros-args -p (repeatable)",
     )
-    parser.add_argument("--image-topic", help=f"default {KITTI_CAMERA}/image_raw (or .../compressed)")
-    parser.add_argument("--camera-info-topic", default=f"{KITTI_CAMERA}/camera_info")
-    parser.add_argument("--lidar-topic", default=KITTI_LIDAR, help="PointCloud2 topic, read when use_lidar is true")
+    parser.add_argument("--image-topic", help=f"default {KITTI_INPUTS['image']} (or .../compressed)")
+    parser.add_argument("--camera-info-topic", default=KITTI_INPUTS["camera_info"])
+    parser.add_argument("--lidar-topic", default=KITTI_INPUTS["lidar"], help="PointCloud2 topic, read with use_lidar")
     return parser
 
 
@@ -324,7 +234,7 @@ def run(args: argparse.Namespace) -> BagSummary:
         raise ValueError(f"output bag {args.out_bag} already exists (rosbag2 writers never overwrite)")
     compressed = values["image_transport"] == "compressed"
     topics = {
-        "image": args.image_topic or f"{KITTI_CAMERA}/image_raw" + ("/compressed" if compressed else ""),
+        "image": args.image_topic or KITTI_INPUTS["image/compressed" if compressed else "image"],
         "camera_info": args.camera_info_topic,
     } | ({"lidar": args.lidar_topic} if values["use_lidar"] else {})
     return process_bag(args.in_bag, args.out_bag, build_pipeline(values), topics, values)
@@ -344,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  wrote {written or 'nothing'} next to the original topics")
     if summary.aligned:
         print(f"  {summary.aligned}/{summary.frames} frames aligned to LiDAR")
-    for reason, count in summary.warnings.items():
+    for reason, count in summary.events.items():
         print(f"  {count} x {reason}")
     return 0
 

@@ -143,7 +143,7 @@ class OrtRunner:
     """ONNX Runtime session with one execution provider (plus CPU for the ops it lacks).
 
     `inputs` lists the graph's input names, "image" first: a depth model takes only the image, a completion network
-    (completion_engine.py) also takes depth maps, passed to `run` by name.
+    (completion.py) also takes depth maps, passed to `run` by name.
     """
 
     def __init__(

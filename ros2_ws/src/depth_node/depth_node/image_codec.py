@@ -1,16 +1,14 @@
-"""sensor_msgs Image / CompressedImage / CameraInfo <-> numpy, duck-typed on the message fields.
+"""sensor_msgs Image / CompressedImage pixels <-> numpy, duck-typed on the message fields: encodings, `step`
+padding, byte order, JPEG/PNG; plus the zero-copy message buffers the codec builds outgoing messages with.
 
-Works on rclpy messages and on rosbags messages alike (only the field names are read). Building an outgoing
-message imports `sensor_msgs.msg` lazily; nothing here imports rclpy. Malformed input (unsupported encoding,
-zero size, truncated data, step too small, bad intrinsics) raises ValueError with a message naming the problem,
-so the node can warn once, skip the frame and keep running.
+Works on rclpy messages and on rosbags messages alike (only the field names are read); nothing here imports ROS.
+Malformed input (unsupported encoding, zero size, truncated data, step too small) raises ValueError with a message
+naming the problem, so the node can warn once, skip the frame and keep running. Message building: `codec.py`.
 """
 
 from __future__ import annotations
 
 import array
-import copy
-from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import cv2
@@ -234,73 +232,3 @@ def numpy_to_image_fields(image: np.ndarray, encoding: str, bigendian: bool = Fa
         "step": width * spec.channels * dtype.itemsize,
         "data": data,
     }
-
-
-def depth_to_image_msg(depth: np.ndarray, header: Any) -> Any:
-    """sensor_msgs/Image 32FC1 from depth: (H, W) metres (NaN invalid, +-Inf out of range, REP 117), header as given."""
-    from sensor_msgs.msg import Image
-
-    depth = np.asarray(depth)
-    if depth.ndim != 2:
-        raise ValueError(f"depth must be (H, W), got shape {depth.shape}")
-    return new_message(Image, header=header, **numpy_to_image_fields(depth, "32FC1"))
-
-
-def ros2_camera_info(msg: Any) -> Any:
-    """A CameraInfo with ROS 2 field names (d, k, r, p): ROS 1 bags spell D, K, R, P in capitals."""
-    if hasattr(msg, "k"):
-        return msg
-    names = ("header", "height", "width", "distortion_model", "binning_x", "binning_y", "roi")
-    return SimpleNamespace(**{n: getattr(msg, n) for n in names}, d=msg.D, k=msg.K, r=msg.R, p=msg.P)
-
-
-def camera_info_to_P(msg: Any) -> np.ndarray:
-    """The (3, 4) float64 projection matrix of a CameraInfo; [K | 0] when P is all zeros (uncalibrated drivers)."""
-    projection = np.asarray(msg.p, dtype=np.float64)
-    if projection.size != 12:
-        raise ValueError(f"CameraInfo.p must have 12 values, got {projection.size}")
-    projection = projection.reshape(3, 4)
-    if not projection.any():
-        intrinsics = np.asarray(msg.k, dtype=np.float64).reshape(3, 3)
-        projection = np.concatenate([intrinsics, np.zeros((3, 1))], axis=1)
-    return projection
-
-
-def validate_camera_info(msg: Any) -> None:
-    """Raise ValueError unless the CameraInfo has a positive size and finite K/P with positive focal lengths."""
-    if int(msg.width) <= 0 or int(msg.height) <= 0:
-        raise ValueError(f"CameraInfo has zero size ({msg.width}x{msg.height})")
-    projection = camera_info_to_P(msg)
-    if not (np.isfinite(projection).all() and np.isfinite(np.asarray(msg.k, dtype=np.float64)).all()):
-        raise ValueError("CameraInfo K or P contains NaN/Inf")
-    fx, fy = projection[0, 0], projection[1, 1]
-    if fx <= 0 or fy <= 0:
-        raise ValueError(f"CameraInfo focal lengths must be positive, got fx={fx}, fy={fy}")
-
-
-def copy_camera_info(msg: Any) -> Any:
-    """An independent copy of a CameraInfo (same message type), safe to edit without touching the original."""
-    return copy.deepcopy(msg)
-
-
-def scale_camera_info(msg: Any, new_width: int, new_height: int) -> Any:
-    """A copy of a CameraInfo describing the image resized to new_width x new_height.
-
-    Convention: pixel centres at integer coordinates, resizing maps pixel edges to edges (as cv2.resize does), so
-    u' = (u + 0.5) * sx - 0.5 with sx = new_width / width (same for v). K and P are pre-multiplied by that pixel
-    map: fx' = fx * sx, cx' = (cx + 0.5) * sx - 0.5, P's Tx' = Tx * sx, and likewise fy, cy, Ty with sy (exact
-    also for a P with P[2, 3] != 0 such as KITTI's P_rect, where Tx gains 0.5 * (sx - 1) * P[2, 3]).
-    An all-zero P is filled from K. Binning and ROI are reset: the new K and P describe the published image.
-    """
-    validate_camera_info(msg)
-    if new_width <= 0 or new_height <= 0:
-        raise ValueError(f"cannot scale CameraInfo to {new_width}x{new_height}")
-    sx, sy = new_width / int(msg.width), new_height / int(msg.height)
-    pixel_map = np.array([[sx, 0.0, 0.5 * (sx - 1.0)], [0.0, sy, 0.5 * (sy - 1.0)], [0.0, 0.0, 1.0]])
-    scaled = copy_camera_info(msg)
-    scaled.width, scaled.height = int(new_width), int(new_height)
-    scaled.k = (pixel_map @ np.asarray(msg.k, dtype=np.float64).reshape(3, 3)).reshape(-1)
-    scaled.p = (pixel_map @ camera_info_to_P(msg)).reshape(-1)
-    scaled.binning_x = scaled.binning_y = 0
-    scaled.roi.x_offset = scaled.roi.y_offset = scaled.roi.width = scaled.roi.height = 0
-    return scaled

@@ -1,5 +1,6 @@
-"""depth_node.conversions: Image / CompressedImage / CameraInfo <-> numpy for every encoding, with row padding,
-big-endian data and malformed messages (the real KITTI bag is decoded end to end in test_geometry.py)."""
+"""depth_node.image_codec and codec: Image / CompressedImage / CameraInfo <-> numpy for every encoding, with row
+padding, big-endian data and malformed messages, and the output messages for rclpy and rosbags alike (the real KITTI
+bag is decoded end to end in test_geometry.py)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,15 @@ import cv2
 import numpy as np
 import pytest
 
-from depth_node.conversions import (
+from depth_node.codec import (
+    camera_info_msg,
     camera_info_to_P,
-    compressed_to_numpy,
-    copy_camera_info,
     depth_to_image_msg,
-    image_to_numpy,
-    numpy_to_image_fields,
+    make_header,
     scale_camera_info,
-    to_rgb,
     validate_camera_info,
 )
+from depth_node.image_codec import compressed_to_numpy, image_to_numpy, numpy_to_image_fields, to_rgb
 
 RNG = np.random.default_rng(0)
 # encoding -> (numpy dtype, trailing shape) of the array image_to_numpy returns
@@ -265,12 +264,31 @@ def test_bad_camera_info_raises_value_error(changes: dict, match: str) -> None:
 
 
 @pytest.mark.ros
-def test_copy_camera_info_is_independent() -> None:
-    info = _camera_info()
-    copied = copy_camera_info(info)
-    copied.k[0] = 1.0
-    copied.header.frame_id = "other"
-    assert info.k[0] == KITTI_K[0] and info.header.frame_id == ""
+def test_camera_info_msg_is_the_same_for_rclpy_and_rosbags_and_independent_of_its_source() -> None:
+    from rosbags.typesys import Stores, get_typestore
+    from sensor_msgs.msg import CameraInfo
+
+    from depth_node.codec import ROS_TYPES
+
+    info = _camera_info(binning_x=2)
+    info.roi.do_rectify, info.roi.width = True, 600
+    store = get_typestore(Stores.ROS2_HUMBLE)
+    live = camera_info_msg(make_header(ROS_TYPES, 1_317_042_146_466_599_772, "camera"), info)
+    recorded = camera_info_msg(make_header(store.types, 1_317_042_146_466_599_772, "camera"), info, store.types)
+    assert isinstance(live, CameraInfo) and type(recorded).__name__ == "sensor_msgs__msg__CameraInfo"
+    for message in (live, recorded):
+        assert (message.header.stamp.sec, message.header.stamp.nanosec) == (1_317_042_146, 466_599_772)
+        assert (message.width, message.height, message.binning_x, message.roi.width) == (1242, 376, 2, 600)
+        assert (
+            message.header.frame_id == "camera" and message.roi.do_rectify and message.distortion_model == "plumb_bob"
+        )
+        np.testing.assert_array_equal(message.p, info.p)
+    live.k[0] = 1.0
+    assert info.k[0] == KITTI_K[0]  # a copy, not a view of the source
+    # the rosbags message serialises (every field set, right types)
+    assert (
+        store.deserialize_cdr(store.serialize_cdr(recorded, recorded.__msgtype__), recorded.__msgtype__).width == 1242
+    )
 
 
 @pytest.mark.ros
