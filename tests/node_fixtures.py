@@ -10,8 +10,11 @@ Graph: `Probe` publishes camera frames / clouds with reliable QoS and records ev
 from __future__ import annotations
 
 import ast
+import functools
+import struct
 import threading
 import time
+import zlib
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -187,6 +190,33 @@ def _organised_xyz(msg) -> np.ndarray:
     raw = np.frombuffer(bytes(msg.data), np.uint8).reshape(msg.height, msg.row_step)
     raw = raw[:, : msg.width * msg.point_step].reshape(msg.height, msg.width, msg.point_step)
     return np.stack([raw[..., offsets[n] : offsets[n] + 4].copy().view("<f4")[..., 0] for n in "xyz"], axis=-1)
+
+
+# --- decompression bombs ------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=4)
+def png_bomb(width: int, height: int, rows: int | None = None) -> bytes:
+    """A real, valid PNG of width x height black 8-bit grey pixels: zlib shrinks the rows ~1000x, so 12000x12000
+    (144 MP, 432 MB once decoded to BGR) takes ~140 KB. With `rows`, only that many rows are stored (cut short)."""
+    compressor = zlib.compressobj(9)
+    row = bytes(1 + width)  # filter type 0, then the pixels
+    pixels = b"".join(compressor.compress(row) for _ in range(height if rows is None else rows)) + compressor.flush()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+def jpeg_bomb(width: int, height: int) -> bytes:
+    """A small real JPEG whose frame header (SOF0) is rewritten to declare width x height: libjpeg would allocate
+    the whole declared image before finding the data too short."""
+    import cv2
+
+    data = bytearray(cv2.imencode(".jpg", np.zeros((8, 8, 3), np.uint8))[1].tobytes())
+    frame = data.index(b"\xff\xc0")
+    data[frame + 5 : frame + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
 
 
 # --- graph ---------------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ LiDAR alignment (parameter extrinsic and /tf_static), and its user errors. Outpu
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from node_fixtures import (
     assert_cloud_is_backprojection,
     depth_array,
     exported_student,
+    png_bomb,
     ramp_image,
     ramp_model,
     surface_scan,
@@ -276,3 +278,65 @@ def test_stamps_jumping_back_reset_the_lidar_scale_prior_as_in_the_node(tmp_path
     )
     assert "  1 x image stamps went back more than 1 s (a new stream): LiDAR scale prior reset" in out
     assert "2/3 frames aligned to LiDAR" in out
+
+
+def write_compressed_bag(path: Path, images: list[bytes]) -> None:
+    """An mcap of PNG/JPEG frames on the KITTI compressed topic, each with a 48x64 camera_info, 0.1 s apart."""
+    from rosbags.rosbag2 import StoragePlugin, Writer
+
+    store = get_typestore(Stores.ROS2_HUMBLE)
+    types, K = store.types, np.array([[60.0, 0, 31.5], [0, 60.0, 23.5], [0, 0, 1]])
+    roi = types["sensor_msgs/msg/RegionOfInterest"](x_offset=0, y_offset=0, height=0, width=0, do_rectify=False)
+    with Writer(path, version=8, storage_plugin=StoragePlugin.MCAP) as writer:
+        connections = {}
+        for number, data in enumerate(images):
+            stamp = 10**9 * (1 + number // 10) + 10**8 * (number % 10)
+            time = types["builtin_interfaces/msg/Time"](sec=stamp // 10**9, nanosec=stamp % 10**9)
+            header = types["std_msgs/msg/Header"](stamp=time, frame_id="camera")
+            info = types["sensor_msgs/msg/CameraInfo"](
+                header=header, height=48, width=64, distortion_model="plumb_bob", d=np.zeros(5), k=K.reshape(-1),
+                r=np.eye(3).reshape(-1), p=np.concatenate([K, np.zeros((3, 1))], 1).reshape(-1), binning_x=0,
+                binning_y=0, roi=roi,
+            )  # fmt: skip
+            image = types["sensor_msgs/msg/CompressedImage"](
+                header=header, format="png", data=np.frombuffer(data, np.uint8)
+            )
+            for topic, message in ((f"{KITTI_CAMERA}/camera_info", info), (f"{IMAGE_TOPIC}/compressed", image)):
+                if topic not in connections:
+                    connections[topic] = writer.add_connection(topic, message.__msgtype__, typestore=store)
+                writer.write(connections[topic], stamp, store.serialize_cdr(message, message.__msgtype__))
+
+
+def run_measured(in_bag: Path, out_bag: Path, model: Path) -> tuple[subprocess.CompletedProcess, int]:
+    """The bag tool in a fresh process: (its result, its peak resident memory in bytes)."""
+    script = (
+        "import resource, sys; from depth_node.bag import main; code = main(sys.argv[1:]); "
+        "print('peak', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)"
+    )
+    arguments = [str(in_bag), str(out_bag), "--model", str(model), "-p", "image_transport:=compressed"]
+    result = subprocess.run([sys.executable, "-c", script, *arguments], capture_output=True, text=True, timeout=300,
+                            env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)})  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result, int(result.stdout.split("peak ")[-1]) * 1024
+
+
+def test_a_decompression_bomb_in_a_bag_is_skipped_unread_with_memory_and_output_bounded(tmp_path):
+    import cv2
+
+    rgb = ramp_image(48, 64)
+    png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
+    bomb = png_bomb(12000, 12000)  # 144 MP: 432 MB once decoded
+    model = ramp_model(tmp_path / "ramp.onnx", size=(48, 64))
+    write_compressed_bag(tmp_path / "bombed", [png, bomb, png])
+    write_compressed_bag(tmp_path / "clean", [png, png, png])
+    bombed, bombed_peak = run_measured(tmp_path / "bombed", tmp_path / "bombed_out", model)
+    _, clean_peak = run_measured(tmp_path / "clean", tmp_path / "clean_out", model)
+    warning = "frame skipped: CompressedImage declares 12000x12000 (144.0 MP), more than max_image_pixels=40000000"
+    assert f"depth_node_bag: warning: {warning}" in bombed.stdout and f"  1 x {warning}" in bombed.stdout
+    assert "depth_node_bag: 2 frames" in bombed.stdout
+    assert bombed_peak - clean_peak < 100 * 2**20, (bombed_peak, clean_peak)  # nothing near 432 MB was allocated
+    depth = read_all(tmp_path / "bombed_out", "/depth")
+    assert sorted(depth) == [10**9, 12 * 10**8]  # the frames before and after the bomb
+    np.testing.assert_allclose(depth_array(depth[12 * 10**8]), rgb[..., 0] / 255.0 + 1.0, atol=1e-4)
+    size = sum(f.stat().st_size for f in (tmp_path / "bombed_out").iterdir())
+    assert size < 2 * sum(f.stat().st_size for f in (tmp_path / "clean_out").iterdir())

@@ -5,11 +5,13 @@ bag is decoded end to end in test_geometry.py)."""
 from __future__ import annotations
 
 import array
+import tracemalloc
 from types import SimpleNamespace
 
 import cv2
 import numpy as np
 import pytest
+from node_fixtures import jpeg_bomb, png_bomb
 
 from depth_node.codec import (
     camera_info_msg,
@@ -19,7 +21,15 @@ from depth_node.codec import (
     scale_camera_info,
     validate_camera_info,
 )
-from depth_node.image_codec import compressed_to_numpy, image_to_numpy, numpy_to_image_fields, to_rgb
+from depth_node.image_codec import (
+    MAX_IMAGE_PIXELS,
+    compressed_to_numpy,
+    declared_size,
+    image_msg_to_rgb,
+    image_to_numpy,
+    numpy_to_image_fields,
+    to_rgb,
+)
 
 RNG = np.random.default_rng(0)
 # encoding -> (numpy dtype, trailing shape) of the array image_to_numpy returns
@@ -202,6 +212,68 @@ def test_compressed_png_and_jpeg_decode_to_rgb() -> None:
 def test_undecodable_compressed_images_raise_value_error(fmt: str, data: bytes, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         compressed_to_numpy(SimpleNamespace(format=fmt, data=data))
+
+
+def test_declared_size_reads_png_and_jpeg_headers_without_decoding() -> None:
+    image = RNG.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    for extension in (".png", ".jpg"):
+        assert declared_size(cv2.imencode(extension, image)[1]) == (53, 37), extension
+    jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
+    # an EXIF segment (with a 0xFFC0 inside it) and fill bytes before the frame header are skipped
+    exif = b"\xff\xe1" + (2 + 10).to_bytes(2, "big") + b"Exif\x00\x00\xff\xc0\x00\x11"
+    padded = jpeg[:2] + exif + b"\xff" + jpeg[2:]
+    assert declared_size(np.frombuffer(padded, np.uint8)) == (53, 37)
+    assert cv2.imdecode(np.frombuffer(padded, np.uint8), cv2.IMREAD_COLOR).shape == (37, 53, 3)
+    for data in (b"", b"\xff\xd8", b"\xff\xd8\xff\xda\x00\x02", jpeg[:20], b"GIF89a" + bytes(30), png_bomb(4, 3)[:20]):
+        assert declared_size(np.frombuffer(data, np.uint8)) is None, data
+    assert declared_size(np.frombuffer(png_bomb(30000, 2), np.uint8)) == (30000, 2)
+    assert declared_size(np.frombuffer(jpeg_bomb(8000, 8000), np.uint8)) == (8000, 8000)
+
+
+def test_the_bomb_builders_make_files_that_decode() -> None:
+    """The test bombs are real files: small versions decode to the size they declare."""
+    assert cv2.imdecode(np.frombuffer(png_bomb(64, 48), np.uint8), cv2.IMREAD_COLOR).shape == (48, 64, 3)
+    assert not cv2.imdecode(np.frombuffer(png_bomb(64, 48), np.uint8), cv2.IMREAD_COLOR).any()
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            png_bomb(12000, 12000),
+            "CompressedImage declares 12000x12000 (144.0 MP), more than max_image_pixels=40000000",
+        ),
+        (jpeg_bomb(8000, 8000), "CompressedImage declares 8000x8000 (64.0 MP), more than max_image_pixels=40000000"),
+        (png_bomb(30000, 30000, rows=1), "CompressedImage declares 30000x30000 (900.0 MP)"),
+    ],
+    ids=["png 144 MP", "jpeg 64 MP", "png 900 MP"],
+)
+def test_decompression_bombs_are_refused_before_decoding(data: bytes, message: str) -> None:
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError) as error:
+            image_msg_to_rgb(SimpleNamespace(format="png", data=data))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(error.value) == message or str(error.value).startswith(message)
+    assert peak < 1_000_000  # nothing the size of the declared image was allocated
+
+
+def test_the_pixel_limit_applies_to_raw_images_and_can_be_changed() -> None:
+    rgb = _random_image("rgb8", 40, 50)
+    fields = numpy_to_image_fields(rgb, "rgb8")
+    assert image_msg_to_rgb(_message(**fields), max_pixels=2000).shape == (40, 50, 3)  # exactly at the limit
+    with pytest.raises(ValueError, match=r"^image is 50x40 \(0.0 MP\), more than max_image_pixels=1999$"):
+        image_msg_to_rgb(_message(**fields), max_pixels=1999)
+    # a raw header declaring 8K+ is refused by its size, before its (missing) data is looked at
+    huge = _message(**(fields | {"width": 9000, "height": 9000, "step": 27000}))
+    with pytest.raises(ValueError, match=r"^image is 9000x9000 \(81.0 MP\), more than max_image_pixels=40000000$"):
+        to_rgb(huge)
+    png = cv2.imencode(".png", rgb)[1].tobytes()
+    with pytest.raises(ValueError, match="CompressedImage declares 50x40"):
+        compressed_to_numpy(SimpleNamespace(format="png", data=png), max_pixels=1999)
+    assert MAX_IMAGE_PIXELS >= 8192 * 4320  # 8K cameras pass
 
 
 def _camera_info(**changes):

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import rclpy
@@ -24,8 +25,10 @@ from node_fixtures import (
     depth_array,
     exported_student,
     image_msg,
+    jpeg_bomb,
     kitti_frame,
     make_header,
+    png_bomb,
     ramp_image,
     ramp_model,
     spin_until,
@@ -131,6 +134,11 @@ def test_depth_points_and_camera_info_from_one_frame(graph):
             "truncated image",
         ),
         ("step too small", lambda rgb, s: _with(image_msg(rgb, s), step=WIDTH * 3 - 1), "step"),
+        (
+            "over the pixel limit",
+            lambda rgb, s: _with(image_msg(rgb, s), height=9000, width=9000, step=27000),
+            "frame skipped: image is 9000x9000 (81.0 MP), more than max_image_pixels=40000000",
+        ),
     ],
 )
 def test_a_malformed_image_is_skipped_with_a_warning_and_the_next_is_processed(graph, problem, make_image, warning):
@@ -246,7 +254,6 @@ def compressed_graph(tmp_path_factory):
 
 
 def test_compressed_input_and_a_strided_coloured_cloud(compressed_graph):
-    import cv2
     from sensor_msgs.msg import CompressedImage
 
     node, probe = compressed_graph
@@ -270,6 +277,35 @@ def test_compressed_input_and_a_strided_coloured_cloud(compressed_graph):
     rgb_offset = next(f.offset for f in points.fields if f.name == "rgb")
     packed = raw[..., rgb_offset : rgb_offset + 4].copy().view("<u4")[..., 0]  # PCL: 0x00RRGGBB
     np.testing.assert_array_equal(np.stack([packed >> 16, (packed >> 8) & 255, packed & 255], -1), rgb[::2, ::2])
+
+
+@pytest.mark.parametrize(
+    ("bomb", "declared"),
+    [(png_bomb(12000, 12000), "12000x12000 (144.0 MP)"), (jpeg_bomb(8000, 8000), "8000x8000 (64.0 MP)")],
+    ids=["png", "jpeg"],
+)
+def test_a_decompression_bomb_is_refused_unread_and_the_next_frame_is_processed(compressed_graph, bomb, declared):
+    from sensor_msgs.msg import CompressedImage
+
+    node, probe = compressed_graph
+    publisher = probe.node.create_publisher(CompressedImage, "image/compressed", 10)
+    rgb, info = ramp_image(HEIGHT, WIDTH), camera_info_msg(K_FULL, 2 * WIDTH, 2 * HEIGHT, 0)
+    png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
+
+    def publish(stamp: int, data: bytes) -> None:
+        info.header = make_header(stamp, "camera_optical")
+        probe.pub_info.publish(info)
+        publisher.publish(CompressedImage(header=make_header(stamp, "camera_optical"), format="png", data=data))
+
+    warning = f"frame skipped: CompressedImage declares {declared}, more than max_image_pixels=40000000"
+    bad_stamp, counters = Stamps.new(), dict(vars(node.counters))
+    spin_until(lambda: probe.warnings(warning) and node.counters.bad_input > counters["bad_input"],
+               lambda: publish(bad_stamp, bomb))  # fmt: skip
+    assert node.counters.failed == counters["failed"] and node.counters.frames_out == counters["frames_out"]
+    assert probe.get("depth", bad_stamp) is None and probe.get("depth/camera_info", bad_stamp) is None
+    stamp = Stamps.new()
+    spin_until(lambda: probe.get("depth", stamp), lambda: publish(stamp, png))
+    np.testing.assert_allclose(depth_array(probe.get("depth", stamp)), rgb[..., 0] / 255.0 + 1.0, atol=1e-4)
 
 
 def _with(msg, **fields):

@@ -9,6 +9,7 @@ naming the problem, so the node can warn once, skip the frame and keep running. 
 from __future__ import annotations
 
 import array
+import struct
 from typing import Any, NamedTuple
 
 import cv2
@@ -53,6 +54,12 @@ _ENCODINGS: dict[str, _Encoding] = {
 }
 # Encodings that carry measurements (metres, signed values), not light: to_rgb refuses them.
 _NOT_CAMERA = ("16SC1", "32FC1")
+# Images larger than this are refused before any pixel is decoded (a few hundred bytes of JPEG or PNG can declare
+# gigabytes of pixels): 40 MP covers 8K cameras (8192x4320 = 35.4 MP). The node's `max_image_pixels` parameter.
+MAX_IMAGE_PIXELS = 40_000_000
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# JPEG start-of-frame markers (baseline, progressive, lossless, ...): every 0xC0-0xCF but DHT, JPG and DAC.
+_JPEG_FRAMES = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
 def _lookup(encoding: str) -> _Encoding:
@@ -96,11 +103,19 @@ def new_message(message_type: type, data: array.array, **fields: Any) -> Any:
     return message
 
 
-def _pixels(msg: Any, spec: _Encoding) -> np.ndarray:
+def check_pixel_count(width: int, height: int, max_pixels: int, what: str) -> None:
+    """Raise ValueError when a width x height image exceeds max_pixels (before it is decoded)."""
+    if width * height > max_pixels:
+        megapixels = width * height / 1e6
+        raise ValueError(f"{what} {width}x{height} ({megapixels:.1f} MP), more than max_image_pixels={max_pixels}")
+
+
+def _pixels(msg: Any, spec: _Encoding, max_pixels: int) -> np.ndarray:
     """Strided view of the pixels, (H, W, C) or (H, W) for one channel, in native byte order; validates the layout."""
     height, width, step = int(msg.height), int(msg.width), int(msg.step)
     if height <= 0 or width <= 0:
         raise ValueError(f"zero-size image ({width}x{height}, encoding {msg.encoding})")
+    check_pixel_count(width, height, max_pixels, "image is")
     dtype = np.dtype(spec.dtype).newbyteorder(">" if msg.is_bigendian else "<")
     pixel_bytes = spec.channels * dtype.itemsize
     if step < width * pixel_bytes:
@@ -115,7 +130,7 @@ def _pixels(msg: Any, spec: _Encoding) -> np.ndarray:
     return view if dtype.isnative else view.astype(dtype.newbyteorder("="))
 
 
-def image_to_numpy(msg: Any) -> np.ndarray:
+def image_to_numpy(msg: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode a sensor_msgs/Image, honouring `step` row padding and `is_bigendian`.
 
     Args:
@@ -128,10 +143,11 @@ def image_to_numpy(msg: Any) -> np.ndarray:
         rgb/rgba and one-channel results are views of msg.data (no copy; read-only when data is bytes).
 
     Raises:
-        ValueError: unsupported encoding, zero size, step smaller than a row, data shorter than step x height.
+        ValueError: unsupported encoding, zero size, more than max_pixels, step smaller than a row, data shorter
+            than step x height.
     """
     spec = _lookup(msg.encoding)
-    pixels = _pixels(msg, spec)
+    pixels = _pixels(msg, spec, max_pixels)
     if spec.order == "rgb":
         return pixels[..., :3]
     if spec.order == "bgr":
@@ -143,7 +159,7 @@ def image_to_numpy(msg: Any) -> np.ndarray:
     return pixels
 
 
-def to_rgb(msg: Any) -> np.ndarray:
+def to_rgb(msg: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """A camera image as (H, W, 3) uint8 RGB for the model input.
 
     Mono images are replicated to three channels; 16-bit images keep their top 8 bits (full-range scaling, stable from
@@ -151,7 +167,7 @@ def to_rgb(msg: Any) -> np.ndarray:
     """
     if msg.encoding in _NOT_CAMERA:
         raise ValueError(f"encoding {msg.encoding} holds measurements, not a camera image: cannot feed it as RGB")
-    image = image_to_numpy(msg)
+    image = image_to_numpy(msg, max_pixels)
     if image.dtype == np.uint16:
         image = (image >> 8).astype(np.uint8)
     if image.ndim == 2:
@@ -159,20 +175,51 @@ def to_rgb(msg: Any) -> np.ndarray:
     return image
 
 
-def image_msg_to_rgb(msg: Any) -> np.ndarray:
+def image_msg_to_rgb(msg: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """(H, W, 3) uint8 RGB of a sensor_msgs/Image (`to_rgb`) or CompressedImage (`compressed_to_numpy`, which has
-    a `format`); rclpy and rosbags messages alike. ValueError when it is malformed."""
-    return compressed_to_numpy(msg) if hasattr(msg, "format") else to_rgb(msg)
+    a `format`); rclpy and rosbags messages alike. ValueError when it is malformed or larger than max_pixels."""
+    return compressed_to_numpy(msg, max_pixels) if hasattr(msg, "format") else to_rgb(msg, max_pixels)
 
 
-def compressed_to_numpy(msg: Any) -> np.ndarray:
+def declared_size(data: np.ndarray) -> tuple[int, int] | None:
+    """(width, height) a PNG (IHDR) or JPEG (start-of-frame) file declares, read from its header without decoding any
+    pixel; None when the bytes are neither, or end before the size."""
+    head = bytes(data[:24])
+    if head.startswith(_PNG_SIGNATURE):
+        return struct.unpack(">II", head[16:24]) if len(head) == 24 and head[12:16] == b"IHDR" else None
+    if not head.startswith(b"\xff\xd8"):
+        return None
+    view, position = memoryview(data), 2
+    while position + 4 <= len(view):  # segments: 0xFF, marker, 2-byte length (counting itself), payload
+        if view[position] != 0xFF:
+            return None
+        marker = view[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a payload
+            position += 2
+        elif marker in _JPEG_FRAMES:
+            if position + 9 > len(view):
+                return None
+            height, width = struct.unpack(">HH", view[position + 5 : position + 9])
+            return width, height
+        elif marker in (0xD9, 0xDA):  # end of image, or entropy-coded data before any frame header
+            return None
+        else:
+            position += 2 + (view[position + 2] << 8 | view[position + 3])
+    return None
+
+
+def compressed_to_numpy(msg: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode a sensor_msgs/CompressedImage (JPEG or PNG) to (H, W, 3) uint8 RGB.
 
     `format` follows compressed_image_transport ("rgb8; jpeg compressed bgr8"): the word after "compressed" is the
     channel order inside the file; it is BGR unless it says rgb*, and BGR when the format is just "jpeg" or empty.
 
+    The size the file declares is checked against max_pixels before anything is decoded.
+
     Raises:
-        ValueError: empty or undecodable data, or a compressedDepth image.
+        ValueError: empty data, not a JPEG/PNG, more than max_pixels, undecodable, or a compressedDepth image.
     """
     fmt = str(msg.format).lower()
     if "compresseddepth" in fmt:
@@ -180,6 +227,10 @@ def compressed_to_numpy(msg: Any) -> np.ndarray:
     buffer = message_bytes(msg.data)
     if buffer.size == 0:
         raise ValueError("CompressedImage has no data")
+    size = declared_size(buffer)
+    if size is None:
+        raise ValueError(f"could not decode CompressedImage ({buffer.size} bytes, format '{msg.format}') as JPEG/PNG")
+    check_pixel_count(*size, max_pixels, "CompressedImage declares")
     try:
         decoded = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
     except cv2.error:

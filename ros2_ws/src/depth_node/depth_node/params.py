@@ -15,6 +15,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import yaml
 
+from depth_node.image_codec import MAX_IMAGE_PIXELS
+
 IDENTITY_4X4 = [float(row == col) for row in range(4) for col in range(4)]
 
 
@@ -41,6 +43,7 @@ PARAMETERS: dict[str, ParamSpec] = {
     "image_transport": ParamSpec(
         "raw", "raw (subscribe `image`) or compressed (`image/compressed`)", ("raw", "compressed")
     ),
+    "max_image_pixels": ParamSpec(MAX_IMAGE_PIXELS, "larger images (as a JPEG/PNG header declares them) are skipped"),
     "publish_points": ParamSpec(True, "publish the organised point cloud on `points`"),
     "points_stride": ParamSpec(1, "keep every n-th row and column in `points`"),
     "colorize_points": ParamSpec(False, "add PCL-packed `rgb` to `points`"),
@@ -123,7 +126,7 @@ def _is_number(value: Any) -> bool:
 
 
 def _check_ranges(params: dict[str, Any]) -> None:
-    positive = ("points_stride", "sub_depth", "pub_depth", "lidar_min_points")
+    positive = ("points_stride", "sub_depth", "pub_depth", "lidar_min_points", "max_image_pixels")
     for name in positive:
         if params[name] < 1:
             raise ValueError(f"parameter '{name}' must be >= 1, got {params[name]}")

@@ -136,7 +136,7 @@ class FrameStream:
 
     Args:
         pipeline: runs the model and derives depth, cloud and alignment from arrays.
-        params: checked node parameters (`params.resolve`): use_lidar and lidar_max_dt are read here.
+        params: checked node parameters (`params.resolve`): use_lidar, lidar_max_dt, max_image_pixels.
         report: called with each Event.
         transform_for: LiDAR -> camera transform of a scan (TF); None: the `lidar_to_camera` parameter.
         scan_buffer: scans kept for pairing.
@@ -154,6 +154,7 @@ class FrameStream:
     ):
         self.pipeline = pipeline
         self.use_lidar, self.lidar_max_dt = bool(params["use_lidar"]), float(params["lidar_max_dt"])
+        self.max_image_pixels = int(params["max_image_pixels"])
         self.counters = Counters()
         self.stages: deque[dict[str, float]] = deque(maxlen=STAGE_WINDOW)
         self.camera_info = None
@@ -235,7 +236,7 @@ class FrameStream:
         except ValueError as error:
             return self._skip(error, kind="camera_info")
         try:
-            rgb = image_msg_to_rgb(msg)
+            rgb = image_msg_to_rgb(msg, self.max_image_pixels)
         except ValueError as error:
             return self._skip(error, kind="image")
         self._follow(msg.header, rgb.shape[:2])
