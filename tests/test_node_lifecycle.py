@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +32,13 @@ from node_fixtures import (
     spin_until,
     surface_scan,
 )
+from rclpy._rclpy_pybind11 import InvalidHandle
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, Image
 
-from depth_node.metadata import read_onnx_metadata
+from depth_node.metadata import ModelLoadError, read_onnx_metadata
 from depth_node.node import DepthNode
 from depth_node.trt_backend import SIDECAR_FORMAT
 
@@ -175,6 +177,21 @@ def test_stamps_jumping_back_reset_the_lidar_scale_prior(graph):
         np.testing.assert_allclose(restart.depth, rgb[..., 0] / 255.0 + 1.0, atol=1e-4)  # the model's own scale
     finally:
         node.destroy_node()
+
+
+def test_a_failed_start_destroys_the_half_built_node_before_raising(graph, tmp_path):
+    """The node is gone from the graph the moment the error is raised, even while the error keeps the object alive."""
+    context, _, probe, _ = graph
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not an ONNX model")
+    with pytest.raises(ModelLoadError, match="not a readable ONNX model") as error:
+        DepthNode(context=context, namespace="failed_start", parameter_overrides=parameters(broken))
+    frames = traceback.walk_tb(error.value.__traceback__)
+    half_built = next(f.f_locals["self"] for f, _ in frames if isinstance(f.f_locals.get("self"), DepthNode))
+    with pytest.raises(InvalidHandle):
+        half_built.get_name()
+    assert list(half_built.publishers) == [] and list(half_built.services) == []
+    assert ("depth_node", "/failed_start") not in probe.node.get_node_names_and_namespaces()
 
 
 # --- the console script ------------------------------------------------------------------------------------------

@@ -49,6 +49,16 @@ class DepthNode(Node):
         self._slot = FrameSlot()  # before Node.__init__: rclpy may destroy a node whose start-up failed
         self._worker: threading.Thread | None = None
         super().__init__("depth_node", **node_kwargs)
+        try:
+            self._start()
+        except BaseException:
+            # Tear the half-built node down here, before raising: left to the garbage collector, it went while Fast
+            # DDS discovery threads still ran (a hang in ~500 failing starts, once a SIGSEGV).
+            self.destroy_node()
+            raise
+
+    def _start(self) -> None:
+        """Parameters, model, frame stream, topics and worker: what __init__ builds once the rcl node exists."""
         self.params = self._declare_parameters()
         p = self.params
         if not p["model"]:
