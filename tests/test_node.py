@@ -410,3 +410,34 @@ def test_console_script_start_up_errors_name_the_problem(tmp_path, ros_args, mes
     result = run_console(*[arg.replace("MODEL", str(model)) for arg in ros_args])
     assert result.returncode == 1 and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("ros_args", "problem"),
+    [
+        (["-p", "model:="], "Couldn't parse parameter override rule: '-p model:='"),
+        (["-p"], "Couldn't parse trailing -p flag. No parameter override rule found."),
+        (
+            ["--params-file", "MISSING"],
+            "Couldn't parse params file: '--params-file MISSING'. Error: Error opening YAML file",
+        ),
+        (
+            ["--params-file", "BROKEN"],
+            "Couldn't parse params file: '--params-file BROKEN'. Error: Error parsing a event near line 3",
+        ),
+        (["--params-file"], "Couldn't parse trailing --params-file flag. No file path provided."),
+        (["-r", "image"], "Couldn't parse remap rule: '-r image'"),
+    ],
+    ids=["empty value", "trailing -p", "missing params file", "broken params file", "no params file", "bad remap"],
+)
+def test_malformed_ros_args_are_one_line_and_exit_code_1(tmp_path, ros_args, problem):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("depth_node:\n  ros__parameters:\n    model: [unclosed\n")
+    names = {"MISSING": str(tmp_path / "missing.yaml"), "BROKEN": str(broken)}
+    result = run_console(*[names.get(arg, arg) for arg in ros_args])
+    for name, path in names.items():
+        problem = problem.replace(name, path)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith(f"depth_node: error: invalid --ros-args: {problem}"), result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr  # one line: no traceback, no rcl log line

@@ -9,6 +9,7 @@ model is slower than the camera.
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 import threading
@@ -18,11 +19,13 @@ import warnings
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import ParameterDescriptor
+from rclpy._rclpy_pybind11 import RCLError
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions, install_signal_handlers
 from rclpy.time import Time
+from rclpy.utilities import remove_ros_args
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 
 from depth_node import diagnostics, params
@@ -217,11 +220,20 @@ def _tf_buffer(node: Node):
     return buffer
 
 
+def rcl_error_summary(error: Exception) -> str:
+    """rcl's message without its "failed to initialize rcl" prefix and C source locations, e.g. "Couldn't parse
+    params file: '--params-file p.yaml'. Error: Error opening YAML file"."""
+    text = re.sub(r"^(failed to initialize rcl|Failed to parse ROS arguments): ", "", str(error))
+    text = re.sub(r", at [^,]+\.c:\d+", "", text)
+    return text.replace(". Error: error not set", "").strip()
+
+
 def main(args: list[str] | None = None) -> int:
     """`depth_node --ros-args ...` (args default to sys.argv, so --ros-args reaches rclpy).
 
-    Returns the exit code: 1 when the model or a parameter is unusable (one line on stderr), 0 after SIGINT or
-    SIGTERM, also when one arrives during start-up.
+    Returns the exit code: 1 when the arguments (a malformed `--ros-args` rule, a missing or broken params file), the
+    model or a parameter are unusable (one line on stderr), 0 after SIGINT or SIGTERM, also when one arrives during
+    start-up.
 
     Start-up runs under handlers of ours that only note the signal, so the context stays valid until the node is
     built: with rclpy's handlers a signal shut the context down from another thread while the node was still logging
@@ -232,7 +244,13 @@ def main(args: list[str] | None = None) -> int:
     # a fault, so it must not look like one on stderr.
     warnings.filterwarnings("ignore", message="Failed to fini rosout publisher", category=RuntimeWarning)
     reuse_large_buffers()  # before rclpy.init: the DDS receive buffers are the first megabyte allocations
-    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    try:
+        # rcl parses --ros-args (and reads the params files) here first, without logging a line of its own
+        remove_ros_args(sys.argv if args is None else args)
+        rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    except RCLError as error:
+        print(f"depth_node: error: invalid --ros-args: {rcl_error_summary(error)}", file=sys.stderr)
+        return 1
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
