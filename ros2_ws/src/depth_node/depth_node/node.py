@@ -18,10 +18,11 @@ import warnings
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
-from rcl_interfaces.msg import ParameterDescriptor
+from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy._rclpy_pybind11 import RCLError
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
+from rclpy.parameter import Parameter
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions, install_signal_handlers
 from rclpy.time import Time
@@ -34,7 +35,7 @@ from depth_node.engine import ModelLoadError
 from depth_node.frame_slot import FrameSlot
 from depth_node.log_throttle import Throttle
 from depth_node.memory import reuse_large_buffers
-from depth_node.pipeline import FrameResult, build_pipeline
+from depth_node.pipeline import FrameResult, PipelineOptions, build_pipeline
 from depth_node.stream import Event, FrameStream
 from depth_node.topics import DIAGNOSTICS, OUTPUTS
 
@@ -80,6 +81,8 @@ class DepthNode(Node):
         for reason in engine.fallbacks:  # why a better backend did not start (e.g. TensorRT on a CPU-only box)
             self.get_logger().info(f"backend skipped: {reason}")
         self.get_logger().info(f"loaded {p['model']} ({engine.backend_name}); waiting for '{topic}'")
+        self.add_on_set_parameters_callback(self._check_parameters)
+        self.add_post_set_parameters_callback(self._apply_parameters)
 
     def _declare_parameters(self) -> dict:
         """Declare every parameter once (typed loosely: `-p min_depth:=1` is fine) and check the values."""
@@ -87,10 +90,34 @@ class DepthNode(Node):
         unknown = [name for name in overrides if name not in params.PARAMETERS and not self.has_parameter(name)]
         params.check_names(sorted(unknown), "depth_node")  # a typo is an error, not a silently ignored value
         for name, spec in params.PARAMETERS.items():
-            self.declare_parameter(
-                name, spec.default, ParameterDescriptor(description=spec.description, dynamic_typing=True)
+            # read-only unless the running node applies a new value: `ros2 param set` is refused, never ignored
+            descriptor = ParameterDescriptor(
+                description=spec.description, dynamic_typing=True, read_only=not spec.runtime
             )
+            self.declare_parameter(name, spec.default, descriptor)
         return params.resolve({name: self.get_parameter(name).value for name in params.PARAMETERS})
+
+    def _check_parameters(self, changed: list[Parameter]) -> SetParametersResult:
+        """Refuse a set of run-time parameters that would not resolve, with the reason (checked as at start-up)."""
+        ours = {p.name: p.value for p in changed if p.name in params.PARAMETERS}
+        try:
+            params.resolve(self.params | ours)
+        except ValueError as error:
+            return SetParametersResult(successful=False, reason=str(error))
+        return SetParametersResult(successful=True)
+
+    def _apply_parameters(self, changed: list[Parameter]) -> None:
+        """Apply accepted run-time parameters from the next frame on."""
+        ours = {p.name: p.value for p in changed if p.name in params.PARAMETERS}
+        if not ours:
+            return
+        self.params = params.resolve(self.params | ours)
+        self.pipeline.configure(PipelineOptions.from_params(self.params))
+        self.stream.configure(self.params)
+        if "diagnostics_period" in ours:
+            self.destroy_timer(self._diagnostics_timer)
+            self._diagnostics_timer = self.create_timer(self.params["diagnostics_period"], self._publish_diagnostics)
+        self.get_logger().info("parameters set: " + ", ".join(f"{name}={self.params[name]}" for name in ours))
 
     def _create_topics(self, output_kind: str) -> None:
         p = self.params
@@ -112,7 +139,7 @@ class DepthNode(Node):
             topic: self.create_publisher(ROS_TYPES[kind], topic, pub_qos) for topic, kind in OUTPUTS.items()
         }
         self.pub_diagnostics = self.create_publisher(DiagnosticArray, DIAGNOSTICS, 10)
-        self.create_timer(p["diagnostics_period"], self._publish_diagnostics)
+        self._diagnostics_timer = self.create_timer(p["diagnostics_period"], self._publish_diagnostics)
 
     # --- callbacks: cheap, never block on inference -------------------------------------------------------------
     def _on_image(self, msg: Image | CompressedImage) -> None:

@@ -137,17 +137,25 @@ class DepthPipeline:
     """
 
     def __init__(self, engine: DepthEngine, options: PipelineOptions, completion: Completion | None = None):
-        if options.points_stride < 1:
-            raise ValueError(f"points_stride must be >= 1, got {options.points_stride}")
         self.engine = engine
-        self.options = options
         self.completion = completion
         meta = engine.metadata
         self.model_metric = meta.output_kind == "metric"
-        self.min_depth = options.min_depth or float(meta.min_depth)
-        self.max_depth = options.max_depth or float(meta.max_depth)
         self.space = "inverse" if meta.output_kind == "relative_disparity" else "depth"
         self.prior = AlignmentPrior(momentum=options.alignment_momentum)
+        self.configure(options)
+
+    def configure(self, options: PipelineOptions) -> None:
+        """Use these options from the next frame on (the node's run-time parameters); use_lidar must not change."""
+        if options.points_stride < 1:
+            raise ValueError(f"points_stride must be >= 1, got {options.points_stride}")
+        if not 0.0 <= options.alignment_momentum < 1.0:
+            raise ValueError(f"alignment_momentum must be in [0, 1), got {options.alignment_momentum}")
+        meta = self.engine.metadata
+        self.min_depth = options.min_depth or float(meta.min_depth)
+        self.max_depth = options.max_depth or float(meta.max_depth)
+        self.prior.momentum = options.alignment_momentum
+        self.options = options  # last: a frame in flight reads either all old or all new options
 
     def process(
         self,

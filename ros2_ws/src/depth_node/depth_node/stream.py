@@ -153,8 +153,8 @@ class FrameStream:
         clock: Callable[[], float] = time.perf_counter,
     ):
         self.pipeline = pipeline
-        self.use_lidar, self.lidar_max_dt = bool(params["use_lidar"]), float(params["lidar_max_dt"])
-        self.max_image_pixels = int(params["max_image_pixels"])
+        self.use_lidar = bool(params["use_lidar"])
+        self.configure(params)
         self.counters = Counters()
         self.stages: deque[dict[str, float]] = deque(maxlen=STAGE_WINDOW)
         self.camera_info = None
@@ -164,6 +164,10 @@ class FrameStream:
         self._transform_for = transform_for
         self._clock = clock
         self._last_frame: tuple[int, tuple[int, int]] | None = None  # (stamp ns, (H, W)) of the last decoded image
+
+    def configure(self, params: dict) -> None:
+        """Take the run-time parameters read here (lidar_max_dt, max_image_pixels) from checked values."""
+        self.lidar_max_dt, self.max_image_pixels = float(params["lidar_max_dt"]), int(params["max_image_pixels"])
 
     def on_camera_info(self, msg: Any) -> None:
         """Keep the latest; it is checked per frame, so a bad one skips frames instead of leaving a stale one in use."""
