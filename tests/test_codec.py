@@ -260,6 +260,21 @@ def test_decompression_bombs_are_refused_before_decoding(data: bytes, message: s
     assert peak < 1_000_000  # nothing the size of the declared image was allocated
 
 
+def test_strings_from_the_sender_are_cut_and_escaped_in_error_messages() -> None:
+    fields = numpy_to_image_fields(_random_image("rgb8"), "rgb8")
+    forged = "\n[ERROR] [depth_node]: forged line " + "x" * 1_000_000
+    with pytest.raises(ValueError) as error:
+        image_to_numpy(_message(**(fields | {"encoding": forged})))
+    message = str(error.value)
+    assert message.startswith("unsupported image encoding '\\n[ERROR] [depth_node]: forged line xxxxx'... (1000035 ")
+    assert "... (1000035 characters)" in message and "\n" not in message and len(message) < 600
+    with pytest.raises(ValueError) as error:
+        compressed_to_numpy(SimpleNamespace(format=forged, data=b"not an image"))
+    assert "format '\\n[ERROR]" in str(error.value) and len(str(error.value)) < 200
+    with pytest.raises(ValueError, match="^unsupported image encoding 'xyz16' "):  # short ones read as before
+        image_to_numpy(_message(**(fields | {"encoding": "xyz16"})))
+
+
 def test_the_pixel_limit_applies_to_raw_images_and_can_be_changed() -> None:
     rgb = _random_image("rgb8", 40, 50)
     fields = numpy_to_image_fields(rgb, "rgb8")

@@ -135,6 +135,11 @@ def test_depth_points_and_camera_info_from_one_frame(graph):
         ),
         ("step too small", lambda rgb, s: _with(image_msg(rgb, s), step=WIDTH * 3 - 1), "step"),
         (
+            "a forged megabyte-long encoding",
+            lambda rgb, s: _with(image_msg(rgb, s), encoding="\n[FATAL] forged" + "x" * 2**20),
+            "frame skipped: unsupported image encoding '\\n[FATAL] forgedxxx",
+        ),
+        (
             "over the pixel limit",
             lambda rgb, s: _with(image_msg(rgb, s), height=9000, width=9000, step=27000),
             "frame skipped: image is 9000x9000 (81.0 MP), more than max_image_pixels=40000000",
@@ -152,6 +157,7 @@ def test_a_malformed_image_is_skipped_with_a_warning_and_the_next_is_processed(g
     )
     publish_until_output(probe, rgb, info)
     assert probe.get("depth", bad_stamp) is None and probe.get("depth/camera_info", bad_stamp) is None, problem
+    assert all(len(line) < 1000 and "\n" not in line for line in probe.warnings(warning)), problem
 
 
 def test_nan_intrinsics_skip_the_frame_and_valid_ones_resume(graph):

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from depth_node.image_codec import message_array, message_bytes, new_message, numpy_to_image_fields
+from depth_node.image_codec import message_array, message_bytes, new_message, numpy_to_image_fields, shown
 from depth_node.topics import CAMERA_INFO, IMAGE, OUTPUTS, POINT_CLOUD
 
 
@@ -268,7 +268,7 @@ def _requested_fields(msg: Any, names: tuple[str, ...]) -> list[CloudField]:
     fields = []
     for name in names:
         if name not in available:
-            raise ValueError(f"PointCloud2 has no field '{name}' (fields: {', '.join(available) or 'none'})")
+            raise ValueError(f"PointCloud2 has no field '{name}' (fields: {shown(', '.join(available)) or 'none'})")
         field = CloudField(name, int(available[name].offset), int(available[name].datatype), int(available[name].count))
         if field.datatype not in POINTFIELD_DTYPES or field.count > 1:
             raise ValueError(f"PointCloud2 field '{name}' has datatype {field.datatype} x {field.count}: not a scalar")

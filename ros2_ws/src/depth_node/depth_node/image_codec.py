@@ -62,11 +62,19 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _JPEG_FRAMES = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
+def shown(text: object, limit: int = 40) -> str:
+    """A string from a message (encoding, format, field names) quoted as it may be logged: escaped when it holds
+    control characters, cut at `limit` characters saying how long it was. Senders choose these strings."""
+    text = str(text)
+    quoted = f"'{text[:limit]}'" if text[:limit].isprintable() else repr(text[:limit])
+    return quoted + (f"... ({len(text)} characters)" if len(text) > limit else "")
+
+
 def _lookup(encoding: str) -> _Encoding:
     try:
         return _ENCODINGS[encoding]
     except KeyError:
-        raise ValueError(f"unsupported image encoding '{encoding}' (supported: {', '.join(_ENCODINGS)})") from None
+        raise ValueError(f"unsupported image encoding {shown(encoding)} (supported: {', '.join(_ENCODINGS)})") from None
 
 
 def message_bytes(data: Any) -> np.ndarray:
@@ -223,20 +231,24 @@ def compressed_to_numpy(msg: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndar
     """
     fmt = str(msg.format).lower()
     if "compresseddepth" in fmt:
-        raise ValueError(f"CompressedImage format '{msg.format}' is compressedDepth, not a colour image")
+        raise ValueError(f"CompressedImage format {shown(msg.format)} is compressedDepth, not a colour image")
     buffer = message_bytes(msg.data)
     if buffer.size == 0:
         raise ValueError("CompressedImage has no data")
     size = declared_size(buffer)
     if size is None:
-        raise ValueError(f"could not decode CompressedImage ({buffer.size} bytes, format '{msg.format}') as JPEG/PNG")
+        raise ValueError(
+            f"could not decode CompressedImage ({buffer.size} bytes, format {shown(msg.format)}) as JPEG/PNG"
+        )
     check_pixel_count(*size, max_pixels, "CompressedImage declares")
     try:
         decoded = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
     except cv2.error:
         decoded = None
     if decoded is None:
-        raise ValueError(f"could not decode CompressedImage ({buffer.size} bytes, format '{msg.format}') as JPEG/PNG")
+        raise ValueError(
+            f"could not decode CompressedImage ({buffer.size} bytes, format {shown(msg.format)}) as JPEG/PNG"
+        )
     if fmt.partition("compressed")[2].strip().startswith("rgb"):
         return decoded
     return cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
