@@ -5,8 +5,11 @@ LiDAR alignment (parameter extrinsic and /tf_static), and its user errors. Outpu
 from __future__ import annotations
 
 import os
+import resource
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -173,12 +176,16 @@ def test_console_script_refuses_to_overwrite_and_names_a_missing_model(student, 
     assert missing.returncode == 2 and f"model file not found: {tmp_path / 'none.onnx'}" in missing.stderr
 
 
-def write_ramp_bag(path: Path, frames: list[tuple[int, int, float | None]]) -> np.ndarray:
-    """An mcap of 48x64 ramp frames (image + camera_info), each with a scan of the true surface or none.
+def write_ramp_bag(
+    path: Path, frames: list[tuple[int, int, float | None]], size=(48, 64), cut: tuple[int, ...] = ()
+) -> np.ndarray:
+    """An mcap of ramp frames (image + camera_info), each with a scan of the true surface or none.
 
     Args:
         frames: per frame (header stamp ns, log time ns, scan delay s): the scan carries the image's header stamp and
             is logged `delay` seconds after it; None: no scan for this frame.
+        size: (H, W) of the images (K scales with it).
+        cut: numbers of the frames whose image message is cut in half (undecodable CDR).
 
     Returns:
         The true depth (H, W) metres, 2.5 * (red/255 + 1) + 0.3: what the ramp model outputs, mis-scaled.
@@ -187,7 +194,8 @@ def write_ramp_bag(path: Path, frames: list[tuple[int, int, float | None]]) -> n
 
     from depth_node.codec import pack_cloud
 
-    height, width, K = 48, 64, np.array([[60.0, 0, 31.5], [0, 60.0, 23.5], [0, 0, 1]])
+    height, width = size
+    K = np.array([[60.0, 0, (width - 1) / 2], [0, 60.0, (height - 1) / 2], [0, 0, 1]])
     rgb = ramp_image(height, width)
     truth = 2.5 * (rgb[..., 0] / 255.0 + 1.0) + 0.3
     store = get_typestore(Stores.ROS2_HUMBLE)
@@ -214,7 +222,7 @@ def write_ramp_bag(path: Path, frames: list[tuple[int, int, float | None]]) -> n
 
     with Writer(path, version=8, storage_plugin=StoragePlugin.MCAP) as writer:
         connections = {}
-        for stamp, logged, scan_delay_s in frames:
+        for number, (stamp, logged, scan_delay_s) in enumerate(frames):
             time = types["builtin_interfaces/msg/Time"](sec=stamp // 10**9, nanosec=stamp % 10**9)
             for topic, message in messages(types["std_msgs/msg/Header"](stamp=time, frame_id="camera")).items():
                 delay = scan_delay_s if topic == "/kitti/velo/pointcloud" else 0.0
@@ -223,6 +231,8 @@ def write_ramp_bag(path: Path, frames: list[tuple[int, int, float | None]]) -> n
                 if topic not in connections:
                     connections[topic] = writer.add_connection(topic, message.__msgtype__, typestore=store)
                 raw = store.serialize_cdr(message, message.__msgtype__)
+                if topic == IMAGE_TOPIC and number in cut:
+                    raw = raw[: len(raw) // 2]
                 writer.write(connections[topic], logged + int(delay * 1e9), raw)
     return truth
 
@@ -340,3 +350,88 @@ def test_a_decompression_bomb_in_a_bag_is_skipped_unread_with_memory_and_output_
     np.testing.assert_allclose(depth_array(depth[12 * 10**8]), rgb[..., 0] / 255.0 + 1.0, atol=1e-4)
     size = sum(f.stat().st_size for f in (tmp_path / "bombed_out").iterdir())
     assert size < 2 * sum(f.stat().st_size for f in (tmp_path / "clean_out").iterdir())
+
+
+# --- real-world trouble ------------------------------------------------------------------------------------------
+def bag_tool(*arguments: str, limit_bytes: int | None = None, **popen) -> subprocess.Popen:
+    """`depth_node_bag ...` in its own process; with limit_bytes no file it writes may grow past that size (the
+    kernel refuses the write, as on a full disk)."""
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "depth_node_bag"), *arguments],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ | {"PYTHONUNBUFFERED": "1"},
+        preexec_fn=limit if limit_bytes else None,  # noqa: PLW1509 - only setrlimit and signal, before exec
+        **popen,
+    )
+
+
+def test_undecodable_messages_are_skipped_counted_and_not_copied(tmp_path, capsys):
+    stamps = [10**9 + n * 10**8 for n in range(4)]
+    truth = write_ramp_bag(tmp_path / "in", [(s, s, None) for s in stamps], cut=(1,))
+    model = ramp_model(tmp_path / "ramp.onnx", size=truth.shape)
+    assert main([str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(model)]) == 0
+    out = capsys.readouterr().out
+    assert f"  1 x undecodable message on {IMAGE_TOPIC} skipped (not copied)" in out
+    assert "depth_node_bag: 3 frames" in out
+    images, depth = read_all(tmp_path / "out", IMAGE_TOPIC), read_all(tmp_path / "out", "/depth")
+    assert sorted(images) == sorted(depth) == [stamps[0], *stamps[2:]]  # the damaged one neither copied nor processed
+    np.testing.assert_allclose(depth_array(depth[stamps[3]]), (truth - 0.3) / 2.5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("where", ["under a file", "read-only folder"])
+def test_an_output_path_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_path, capsys, where):
+    truth = write_synthetic_bag(tmp_path / "in", 0.0)
+    (tmp_path / "a_file").write_text("not a folder")
+    out = tmp_path / "a_file" / "out" if where == "under a file" else Path("/sys/depth_node_bag_test_out")
+    model = ramp_model(tmp_path / "ramp.onnx", size=truth.shape)
+    assert main([str(tmp_path / "in"), str(out), "--model", str(model)]) == 2
+    err = capsys.readouterr().err
+    reason = "Not a directory" if where == "under a file" else "Operation not permitted"
+    assert err == f"depth_node_bag: error: cannot write output bag {out}: {reason}\n"
+    assert not out.exists() and (tmp_path / "a_file").read_text() == "not a folder"
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_leaves_nothing_and_a_rerun_succeeds(tmp_path):
+    stamps = [10**9 + n * 10**8 for n in range(40)]
+    truth = write_ramp_bag(tmp_path / "in", [(s, s, None) for s in stamps], size=(96, 128))
+    model = ramp_model(tmp_path / "ramp.onnx", size=truth.shape)
+    arguments = (str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(model))
+    stdout, stderr = bag_tool(*arguments, limit_bytes=2_000_000).communicate(timeout=120)  # ~13 MB to write
+    assert (
+        stderr.splitlines()[-1] == f"depth_node_bag: error: cannot write output bag {tmp_path / 'out'}: File too large"
+    )
+    assert "Traceback" not in stderr + stdout and not (tmp_path / "out").exists()
+    rerun = bag_tool(*arguments)
+    assert rerun.wait(timeout=120) == 0 and len(read_all(tmp_path / "out", "/depth")) == len(stamps)
+
+
+@pytest.mark.slow
+def test_sigint_leaves_a_valid_partial_bag_clearly_named(tmp_path):
+    stamps = [10**9 + n * 10**8 for n in range(400)]
+    truth = write_ramp_bag(tmp_path / "in", [(s, s, None) for s in stamps], size=(192, 256), cut=(0,))
+    model = ramp_model(tmp_path / "ramp.onnx", size=(48, 64))
+    out = tmp_path / "out"
+    process = bag_tool(str(tmp_path / "in"), str(out), "--model", str(model), "-p", "publish_points:=false")
+    written = out / "out.mcap"
+    deadline = time.monotonic() + 60
+    while not (written.is_file() and written.stat().st_size > 2_000_000):  # ~10 of 400 frames written: under way
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.005)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    partial = tmp_path / "out.partial"
+    frames = len(read_all(partial, "/depth"))  # a valid bag: index and metadata.yaml written
+    assert 0 < frames < len(stamps) - 1 and (partial / "metadata.yaml").is_file() and not out.exists()
+    assert stderr.splitlines()[-1] == f"depth_node_bag: interrupted: a partial bag of {frames} frames in {partial} left"
+    assert "Traceback" not in stderr + stdout and "KeyboardInterrupt" not in stderr
+    depth = depth_array(read_all(partial, "/depth")[stamps[1]])  # the model's output, back at 192x256
+    np.testing.assert_allclose(depth[:, 32:-32], ((truth - 0.3) / 2.5)[:, 32:-32], atol=0.02)

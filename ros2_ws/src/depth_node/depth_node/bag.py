@@ -8,12 +8,20 @@ Foxglove and `ros2 bag play` open it. No rclpy needed.
 Parameters are the node's (depth_node.params), from the same params file. Each frame goes through the node's own
 stream.FrameStream (CameraInfo checks, scan pairing within lidar_max_dt, the reset on a stream restart); use_tf
 takes the extrinsic from the bag's /tf_static.
+
+Damaged input: a message that does not decode is skipped (neither processed nor copied) and counted in the summary.
+Ctrl-C (SIGINT) stops after the current message and leaves a valid bag named `<OUT_BAG>.partial` (exit code 130);
+an output that cannot be written (under a file, a read-only folder, a full disk) is one error line (exit code 2)
+and leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
+import signal
 import sys
+import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -30,8 +38,9 @@ from tqdm import tqdm
 from depth_node import params
 from depth_node.codec import make_header, output_message, transform_to_matrix
 from depth_node.geometry import lookup_transform
+from depth_node.image_codec import shown
 from depth_node.memory import reuse_large_buffers
-from depth_node.metadata import ModelLoadError
+from depth_node.metadata import ModelLoadError, error_summary
 from depth_node.pipeline import DepthPipeline, build_pipeline
 from depth_node.stream import Event, FrameStream
 from depth_node.topics import COMPRESSED_IMAGE, IMAGE, KITTI_INPUTS, OUTPUTS
@@ -42,13 +51,15 @@ OUTPUT_TYPES = {"/" + name: kind for name, kind in OUTPUTS.items()}  # the outpu
 
 @dataclass
 class BagSummary:
-    """What a run did: frames processed, events (text -> count), aligned to LiDAR, per-topic messages written."""
+    """What a run did: frames processed, events (text -> count), aligned to LiDAR, per-topic messages written, and
+    whether it was interrupted."""
 
     frames: int = 0
     events: Counter = field(default_factory=Counter)
     aligned: int = 0
     written: Counter = field(default_factory=Counter)
     latencies_ms: list[float] = field(default_factory=list)
+    partial: Path | None = None  # interrupted: where the partial bag is (None: complete, or nothing was written)
 
 
 class OutputBag:
@@ -62,29 +73,46 @@ class OutputBag:
         self.typestore = get_typestore(Stores.ROS2_HUMBLE)
         if reader.is2:
             self.typestore.register(reader.typestore.fielddefs)
+        self.path = path
         self.writer = Writer(path, version=8, storage_plugin=StoragePlugin.MCAP)
-        self.writer.open()
-        copied = [
-            c for c in reader.connections if c.topic not in OUTPUT_TYPES
-        ]  # outputs of an earlier run are replaced
-        self._connections, self._converters = create_connections_converters(copied, self.typestore, reader, self.writer)
+        try:
+            self.writer.open()
+        except OSError as error:  # under a file, in a read-only folder, ...
+            raise ValueError(f"cannot write output bag {path}: {error.strerror or error}") from None
+        copied = [c for c in reader.connections if c.topic not in OUTPUT_TYPES]  # an earlier run's outputs: replaced
+        try:
+            self._connections, self._converters = create_connections_converters(
+                copied, self.typestore, reader, self.writer
+            )
+        except BaseException as error:
+            self.discard()
+            if isinstance(error, OSError):
+                raise ValueError(f"cannot write output bag {path}: {error.strerror or error}") from None
+            raise
         self._outputs: dict[str, object] = {}
 
-    def copy(self, connection, timestamp: int, rawdata: bytes) -> None:
+    def converted(self, connection, rawdata: bytes) -> tuple[object, bytes] | None:
+        """(output connection, the message as written) of an input message to copy, or None when it is not copied;
+        raises whatever the conversion of an undecodable message raises, before anything is written."""
         target = self._connections.get((connection.id, connection.owner))
-        if target is not None:
-            self.writer.write(target, timestamp, self._converters[connection.msgtype](rawdata))
+        return None if target is None else (target, self._converters[connection.msgtype](rawdata))
 
     def write(self, topic: str, timestamp: int, message) -> None:
         if topic not in self._outputs:
             self._outputs[topic] = self.writer.add_connection(topic, OUTPUT_TYPES[topic], typestore=self.typestore)
         self.writer.write(self._outputs[topic], timestamp, self.typestore.serialize_cdr(message, OUTPUT_TYPES[topic]))
 
-    def __enter__(self) -> OutputBag:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
+    def close(self) -> None:
+        """Finish the bag: its index and metadata.yaml are written here."""
         self.writer.close()
+
+    def discard(self) -> None:
+        """Remove the bag after a failure (a full disk, an error), so that nothing half-written blocks a rerun."""
+        try:
+            self.writer.close()
+        except Exception:  # noqa: BLE001, S110 - the failure is already being reported; the folder goes anyway
+            pass
+        shutil.rmtree(self.path, ignore_errors=True)
 
 
 class BagRun:
@@ -134,6 +162,9 @@ class BagRun:
         self.summary.frames += 1
         self.summary.aligned += bool(frame.result.alignment is not None and frame.result.alignment.ok)
 
+    def skip_undecodable(self, topic: str, error: Exception) -> None:
+        self._report(Event("bag", f"undecodable message on {topic} skipped (not copied)", shown(error_summary(error))))
+
     def _tf_static(self, camera_frame: str, scan_header) -> np.ndarray | None:
         transform = lookup_transform(self.tf_edges, camera_frame, scan_header.frame_id)
         if transform is None:
@@ -149,34 +180,84 @@ class BagRun:
         self.summary.events[event.text] += 1
 
 
-def process_bag(in_bag: Path, out_bag: Path, pipeline: DepthPipeline, topics: dict[str, str], values: dict):
+def process_bag(
+    in_bag: Path,
+    out_bag: Path,
+    pipeline: DepthPipeline,
+    topics: dict[str, str],
+    values: dict,
+    stop: threading.Event | None = None,
+) -> BagSummary:
     """Run the pipeline over every image of topics["image"]; write the outputs next to the copied input topics.
+
+    Either the output bag is complete, or (after `stop` was set, e.g. by SIGINT) a valid partial bag is left at
+    `<out_bag>.partial` (see BagSummary.partial), or nothing is left: a failure removes what was written.
 
     Args:
         topics: role -> topic for "image", "camera_info", and "lidar" when use_lidar.
         values: checked node parameters (depth_node.params.resolve).
+        stop: set to end the run after the current message.
+
+    Raises:
+        ValueError: the input cannot be read or the output cannot be written (one line naming the bag).
     """
+    stop = threading.Event() if stop is None else stop
     try:
         with AnyReader([in_bag]) as reader:
             roles = _roles(reader, topics, in_bag)
-            with OutputBag(out_bag, reader) as out:
-                run = BagRun(pipeline, out, values)
-                _run_over(reader, roles, run, sum(c.msgcount for c in reader.connections if c.topic == topics["image"]))
+            out = OutputBag(out_bag, reader)
+            run = BagRun(pipeline, out, values)
+            try:
+                _run_over(
+                    reader, roles, run, sum(c.msgcount for c in reader.connections if c.topic == topics["image"]), stop
+                )
+                out.close()
+            except BaseException as error:
+                out.discard()
+                if isinstance(error, OSError):  # a full disk, a file size limit, a vanished folder
+                    raise ValueError(f"cannot write output bag {out_bag}: {error.strerror or error}") from None
+                raise
     except AnyReaderError as error:
         raise ValueError(f"cannot read bag {in_bag}: {error}") from None
+    if stop.is_set():
+        run.summary.partial = _keep_partial(out_bag) if run.summary.frames else _remove(out_bag)
     return run.summary
 
 
-def _run_over(reader: AnyReader, roles: dict[str, str], run: BagRun, total: int) -> None:
+def _run_over(reader: AnyReader, roles: dict[str, str], run: BagRun, total: int, stop: threading.Event) -> None:
     with tqdm(total=total, desc="depth_node_bag", unit="frame") as progress:
         for connection, timestamp, rawdata in reader.messages():
-            run.out.copy(connection, timestamp, rawdata)
+            if stop.is_set():
+                return
+            try:  # decode first: an undecodable message is neither processed nor copied
+                message = reader.deserialize(rawdata, connection.msgtype)
+                copy = run.out.converted(connection, rawdata)
+            except Exception as error:  # noqa: BLE001 - rosbags raises assorted types for damaged CDR
+                run.skip_undecodable(connection.topic, error)
+                continue
+            if copy is not None:
+                run.out.writer.write(copy[0], timestamp, copy[1])
             run.flush(timestamp)
             role = roles.get(connection.topic)
             if role is not None:
-                run.handle(role, reader.deserialize(rawdata, connection.msgtype), timestamp)
+                run.handle(role, message, timestamp)
                 progress.update(role == "image")
         run.flush(None)
+
+
+def _keep_partial(out_bag: Path) -> Path:
+    """Move an interrupted run's (valid, closed) bag to `<out_bag>.partial`, replacing an earlier partial bag."""
+    partial = out_bag.with_name(out_bag.name + ".partial")
+    if (partial / "metadata.yaml").is_file():
+        shutil.rmtree(partial)
+    if partial.exists():  # not a bag of ours: leave both alone, the partial bag keeps its name
+        return out_bag
+    out_bag.rename(partial)
+    return partial
+
+
+def _remove(out_bag: Path) -> None:
+    shutil.rmtree(out_bag, ignore_errors=True)
 
 
 def _roles(reader: AnyReader, topics: dict[str, str], in_bag: Path) -> dict[str, str]:
@@ -222,7 +303,7 @@ def parse_overrides(items: list[str]) -> dict:
     return values
 
 
-def run(args: argparse.Namespace) -> BagSummary:
+def run(args: argparse.Namespace, stop: threading.Event | None = None) -> BagSummary:
     given = params.load_params_file(args.params_file) if args.params_file else {}
     given |= parse_overrides(args.param) | ({"model": str(args.model)} if args.model else {})
     values = params.resolve(given)
@@ -237,17 +318,27 @@ def run(args: argparse.Namespace) -> BagSummary:
         "image": args.image_topic or KITTI_INPUTS["image/compressed" if compressed else "image"],
         "camera_info": args.camera_info_topic,
     } | ({"lidar": args.lidar_topic} if values["use_lidar"] else {})
-    return process_bag(args.in_bag, args.out_bag, build_pipeline(values), topics, values)
+    return process_bag(args.in_bag, args.out_bag, build_pipeline(values), topics, values, stop)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     reuse_large_buffers()
+    stop = threading.Event()  # SIGINT (Ctrl-C): finish the current message, close the bag, keep it as partial
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set()) if on_main_thread else None
     try:
-        summary = run(args)
+        summary = run(args, stop)
     except (ModelLoadError, ValueError, FileNotFoundError) as error:
         print(f"depth_node_bag: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGINT, previous)
+    if stop.is_set():
+        where = f"a partial bag of {summary.frames} frames in {summary.partial}" if summary.partial else "nothing"
+        print(f"depth_node_bag: interrupted: {where} left", file=sys.stderr)
+        return 130
     mean = float(np.mean(summary.latencies_ms)) if summary.latencies_ms else float("nan")
     written = ", ".join(f"{topic} ({count})" for topic, count in sorted(summary.written.items()))
     print(f"depth_node_bag: {summary.frames} frames -> {args.out_bag} (mean {mean:.1f} ms/frame)")
