@@ -18,6 +18,7 @@ from node_fixtures import (
     KITTI_BAG,
     KITTI_CAMERA,
     assert_cloud_is_backprojection,
+    camera_info_msg,
     depth_array,
     exported_student,
     png_bomb,
@@ -176,6 +177,13 @@ def test_console_script_refuses_to_overwrite_and_names_a_missing_model(student, 
     assert missing.returncode == 2 and f"model file not found: {tmp_path / 'none.onnx'}" in missing.stderr
 
 
+def recorded_camera_info(store, header, K: np.ndarray, width: int, height: int):
+    """A rosbags CameraInfo of a camera with intrinsics K (3, 3) and P = [K | 0]."""
+    from depth_node.codec import camera_info_msg as recorded
+
+    return recorded(header, camera_info_msg(K, width, height, 0), store.types)
+
+
 def write_ramp_bag(
     path: Path, frames: list[tuple[int, int, float | None]], size=(48, 64), cut: tuple[int, ...] = ()
 ) -> np.ndarray:
@@ -203,16 +211,11 @@ def write_ramp_bag(
     points = surface_scan(truth, K, np.eye(4))[None]
     packed = pack_cloud(points)
     field = types["sensor_msgs/msg/PointField"]
-    roi = types["sensor_msgs/msg/RegionOfInterest"](x_offset=0, y_offset=0, height=0, width=0, do_rectify=False)
 
     def messages(header) -> dict[str, object]:
         image = types["sensor_msgs/msg/Image"](header=header, height=height, width=width, encoding="rgb8",
                                                is_bigendian=0, step=width * 3, data=rgb.reshape(-1))  # fmt: skip
-        info = types["sensor_msgs/msg/CameraInfo"](
-            header=header, height=height, width=width, distortion_model="plumb_bob", d=np.zeros(5), k=K.reshape(-1),
-            r=np.eye(3).reshape(-1), p=np.concatenate([K, np.zeros((3, 1))], 1).reshape(-1), binning_x=0,
-            binning_y=0, roi=roi,
-        )  # fmt: skip
+        info = recorded_camera_info(store, header, K, width, height)
         cloud = types["sensor_msgs/msg/PointCloud2"](
             header=header, height=1, width=points.shape[1], is_bigendian=False, point_step=packed.point_step,
             row_step=packed.point_step * points.shape[1], data=np.frombuffer(packed.payload, np.uint8), is_dense=False,
@@ -296,18 +299,13 @@ def write_compressed_bag(path: Path, images: list[bytes]) -> None:
 
     store = get_typestore(Stores.ROS2_HUMBLE)
     types, K = store.types, np.array([[60.0, 0, 31.5], [0, 60.0, 23.5], [0, 0, 1]])
-    roi = types["sensor_msgs/msg/RegionOfInterest"](x_offset=0, y_offset=0, height=0, width=0, do_rectify=False)
     with Writer(path, version=8, storage_plugin=StoragePlugin.MCAP) as writer:
         connections = {}
         for number, data in enumerate(images):
             stamp = 10**9 * (1 + number // 10) + 10**8 * (number % 10)
             time = types["builtin_interfaces/msg/Time"](sec=stamp // 10**9, nanosec=stamp % 10**9)
             header = types["std_msgs/msg/Header"](stamp=time, frame_id="camera")
-            info = types["sensor_msgs/msg/CameraInfo"](
-                header=header, height=48, width=64, distortion_model="plumb_bob", d=np.zeros(5), k=K.reshape(-1),
-                r=np.eye(3).reshape(-1), p=np.concatenate([K, np.zeros((3, 1))], 1).reshape(-1), binning_x=0,
-                binning_y=0, roi=roi,
-            )  # fmt: skip
+            info = recorded_camera_info(store, header, K, 64, 48)
             image = types["sensor_msgs/msg/CompressedImage"](
                 header=header, format="png", data=np.frombuffer(data, np.uint8)
             )

@@ -168,7 +168,7 @@ class BagRun:
     def _tf_static(self, camera_frame: str, scan_header) -> np.ndarray | None:
         transform = lookup_transform(self.tf_edges, camera_frame, scan_header.frame_id)
         if transform is None:
-            text = f"/tf_static has no {scan_header.frame_id} -> {camera_frame}: used lidar_to_camera"
+            text = f"/tf_static has no {shown(scan_header.frame_id)} -> {shown(camera_frame)}: used lidar_to_camera"
             self._report(Event("tf", text))
         return transform
 

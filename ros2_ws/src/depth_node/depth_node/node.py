@@ -33,6 +33,7 @@ from depth_node import diagnostics, params
 from depth_node.codec import ROS_TYPES, make_header, output_message, transform_to_matrix
 from depth_node.engine import ModelLoadError
 from depth_node.frame_slot import FrameSlot
+from depth_node.image_codec import shown
 from depth_node.log_throttle import Throttle
 from depth_node.memory import reuse_large_buffers
 from depth_node.pipeline import FrameResult, PipelineOptions, build_pipeline
@@ -207,7 +208,8 @@ class DepthNode(Node):
             stamp = Time.from_msg(cloud_header.stamp)
             stamped = self._tf_buffer.lookup_transform(camera_frame, cloud_header.frame_id, stamp)
         except tf2_ros.TransformException as error:
-            self._log(Event("tf", f"no TF {cloud_header.frame_id} -> {camera_frame}: {error}; using lidar_to_camera"))
+            frames = f"{shown(cloud_header.frame_id)} -> {shown(camera_frame)}"
+            self._log(Event("tf", f"no TF {frames}: {shown(error, 200)}; using lidar_to_camera"))
             return None
         return transform_to_matrix(stamped.transform)
 
