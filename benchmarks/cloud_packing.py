@@ -14,8 +14,8 @@ import time
 
 import numpy as np
 
-from depth_node.conversions import depth_to_image_msg
-from depth_node.geometry import backproject, empty_cloud, make_pointcloud2, pack_cloud
+from depth_node.codec import depth_to_image_msg, empty_cloud, make_pointcloud2, pack_cloud
+from depth_node.geometry import backproject
 
 KITTI_P = np.array([[721.5377, 0.0, 609.5593, 0.0], [0.0, 721.5377, 172.854, 0.0], [0.0, 0.0, 1.0, 0.0]])
 

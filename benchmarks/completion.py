@@ -202,8 +202,7 @@ def node_frame(bench: Bench) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def latency(bench: Bench, completion_dir: Path, runs: int) -> dict[str, float | list[int] | str]:
     """Extra milliseconds per frame of the completion at the node's resolution (module docstring)."""
-    from depth_node.completion import ip_basic_fill
-    from depth_node.completion_engine import CompletionRunner
+    from depth_node.completion import CompletionRunner, ip_basic_fill
     from distill.models import load_model
     from distill.verbs.export import export_onnx
 

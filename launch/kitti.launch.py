@@ -1,7 +1,7 @@
 """`ros2 launch depth_node kitti.launch.py model:=/path/model.onnx [use_lidar:=true]`
 
-Runs depth_node on the kitti2bag topics with the installed config/kitti.yaml and publishes /depth,
-/depth/camera_info, /points (and /depth/confidence, /depth/mono with LiDAR, /depth/relative for relative models).
+Runs depth_node on the kitti2bag topics with the installed config/kitti.yaml and publishes its outputs
+(depth_node.topics.OUTPUTS) under absolute names: /depth, /depth/camera_info, /points, ...
 Without `launch` (PyPI ROS 2) the same is:
 `depth_node --ros-args --params-file config/kitti.yaml -p model:=M -r image:=/kitti/camera_color_left/image_raw ...`
 """
@@ -15,19 +15,9 @@ from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
 
-CAMERA = "/kitti/camera_color_left"
-REMAPPINGS = [
-    ("image", f"{CAMERA}/image_raw"),
-    ("image/compressed", f"{CAMERA}/image_raw/compressed"),
-    ("camera_info", f"{CAMERA}/camera_info"),
-    ("lidar", "/kitti/velo/pointcloud"),
-    ("depth", "/depth"),
-    ("depth/relative", "/depth/relative"),
-    ("depth/mono", "/depth/mono"),
-    ("depth/camera_info", "/depth/camera_info"),
-    ("depth/confidence", "/depth/confidence"),
-    ("points", "/points"),
-]
+from depth_node.topics import kitti_remappings
+
+REMAPPINGS = kitti_remappings()  # every input on its kitti2bag topic, every output on /<name>
 
 
 def generate_launch_description() -> LaunchDescription:

@@ -10,8 +10,11 @@ Graph: `Probe` publishes camera frames / clouds with reliable QoS and records ev
 from __future__ import annotations
 
 import ast
+import functools
+import struct
 import threading
 import time
+import zlib
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -20,14 +23,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from depth_node.conversions import image_to_numpy, numpy_to_image_fields
-from depth_node.geometry import make_pointcloud2
+from depth_node.codec import ROS_TYPES, make_pointcloud2
+from depth_node.image_codec import image_to_numpy, numpy_to_image_fields
 from depth_node.metadata import METADATA_KEY, ModelMetadata
+from depth_node.topics import KITTI_CAMERA, OUTPUTS
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ros2_ws" / "src" / "depth_node"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 STUDENT_SIZE = (64, 192)
-OUTPUTS = ("depth", "depth/relative", "depth/mono", "depth/confidence", "depth/camera_info", "points")
 
 
 def ramp_model(path: Path, size=(48, 64), kind="metric", scale=1.0, offset=1.0, depth_range=(0.5, 3.0)) -> Path:
@@ -189,6 +192,33 @@ def _organised_xyz(msg) -> np.ndarray:
     return np.stack([raw[..., offsets[n] : offsets[n] + 4].copy().view("<f4")[..., 0] for n in "xyz"], axis=-1)
 
 
+# --- decompression bombs ------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=4)
+def png_bomb(width: int, height: int, rows: int | None = None) -> bytes:
+    """A real, valid PNG of width x height black 8-bit grey pixels: zlib shrinks the rows ~1000x, so 12000x12000
+    (144 MP, 432 MB once decoded to BGR) takes ~140 KB. With `rows`, only that many rows are stored (cut short)."""
+    compressor = zlib.compressobj(9)
+    row = bytes(1 + width)  # filter type 0, then the pixels
+    pixels = b"".join(compressor.compress(row) for _ in range(height if rows is None else rows)) + compressor.flush()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+def jpeg_bomb(width: int, height: int) -> bytes:
+    """A small real JPEG whose frame header (SOF0) is rewritten to declare width x height: libjpeg would allocate
+    the whole declared image before finding the data too short."""
+    import cv2
+
+    data = bytearray(cv2.imencode(".jpg", np.zeros((8, 8, 3), np.uint8))[1].tobytes())
+    frame = data.index(b"\xff\xc0")
+    data[frame + 5 : frame + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
 # --- graph ---------------------------------------------------------------------------------------------------------
 class Probe:
     """A test node on its own executor thread: publishes inputs (reliable) and records outputs by stamp.
@@ -218,9 +248,8 @@ class Probe:
         self.logs: list[tuple[int, str, str]] = []
         self.diagnostics: list = []
         self._lock = threading.Lock()
-        kinds = {"depth/camera_info": CameraInfo, "points": PointCloud2}
-        for topic in OUTPUTS:
-            self.node.create_subscription(kinds.get(topic, Image), self.names[topic], self._recorder(topic), reliable)
+        for topic, kind in OUTPUTS.items():
+            self.node.create_subscription(ROS_TYPES[kind], self.names[topic], self._recorder(topic), reliable)
         self.node.create_subscription(Log, "/rosout", lambda m: self.logs.append((m.level, m.name, m.msg)), reliable)
         self.node.create_subscription(DiagnosticArray, "diagnostics", self.diagnostics.append, reliable)
         self.executor = MultiThreadedExecutor(num_threads=3, context=context)
@@ -274,7 +303,6 @@ def spin_until(
 
 # --- the real KITTI frame --------------------------------------------------------------------------------------------
 KITTI_BAG = Path("kitti_rosbag2_sample") / "kitti_0001_f5_mcap"
-KITTI_CAMERA = "/kitti/camera_color_left"
 
 
 def kitti_messages(shared_data: Path) -> dict[str, object]:
@@ -287,7 +315,7 @@ def kitti_messages(shared_data: Path) -> dict[str, object]:
 
 def kitti_frame(shared_data: Path):
     """(rgb (375, 1242, 3) uint8, rclpy CameraInfo) of the real KITTI frame."""
-    from depth_node.conversions import to_rgb
+    from depth_node.image_codec import to_rgb
 
     messages = kitti_messages(shared_data)
     info = messages[f"{KITTI_CAMERA}/camera_info"]

@@ -1,6 +1,6 @@
-"""LiDAR alignment and IP-Basic fill (depth_node.completion): exact recovery, outliers, the scale-only fallback,
-failures that must not raise, the temporal prior, and the fill on a synthetic 64-beam scan and on the real KITTI
-frame against its official annotated ground truth."""
+"""LiDAR alignment (depth_node.alignment) and IP-Basic fill (depth_node.completion): exact recovery, outliers, the
+scale-only fallback, failures that must not raise, the temporal prior, and the fill on a synthetic 64-beam scan and
+on the real KITTI frame against its official annotated ground truth."""
 
 from __future__ import annotations
 
@@ -9,14 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from depth_node.completion import (
-    Alignment,
-    AlignmentPrior,
-    align_depth,
-    apply_alignment,
-    ip_basic_fill,
-    project_lidar,
-)
+from depth_node.alignment import Alignment, AlignmentPrior, align_depth, apply_alignment
+from depth_node.completion import ip_basic_fill
+from depth_node.geometry import lidar_to_depth as project_lidar
 
 KITTI = Path("kitti_raw_sample")
 DRIVE = KITTI / "2011_09_26" / "2011_09_26_drive_0001_sync"

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from depth_node.completion_engine import resize_sparse, sanitize_aligned
+from depth_node.completion import resize_sparse, sanitize_aligned
 from distill.completion.training import CompletionMethod, build_completion_method, masked_l1_l2, masked_log_l1
 from distill.config import load_config, load_data_config
 from distill.data import build_dataset
@@ -236,7 +236,7 @@ def test_training_on_one_batch_lowers_the_loss_and_keeps_the_mono_model_frozen(s
 def test_export_matches_pytorch_in_onnx_runtime_and_the_runner_keeps_rep117_states(tmp_path):
     import onnxruntime as ort
 
-    from depth_node.completion_engine import COMPLETION_INPUTS, CompletionRunner
+    from depth_node.completion import COMPLETION_INPUTS, CompletionRunner
     from distill.verbs.export import export_onnx
 
     torch.manual_seed(0)
@@ -304,7 +304,7 @@ def test_quick_benchmark_writes_every_row_for_both_lidars_and_the_latency(quick_
 
 @pytest.mark.slow
 def test_distill_export_of_a_completion_checkpoint_runs_in_the_runner(quick_bench, tmp_path):
-    from depth_node.completion_engine import CompletionRunner
+    from depth_node.completion import CompletionRunner
     from distill.cli import main as distill_main
 
     (run,) = quick_bench.glob("*/completion")
@@ -351,11 +351,12 @@ def rmse(depth: np.ndarray, truth: np.ndarray) -> float:
 def test_real_kitti_frame_lidar_aligned_depth_beats_the_unaligned_model(quick_bench, shared_data, tmp_path):
     """The must-hold of the issue: on the real KITTI frame (rosbag2 sample), the ONNX model trained briefly on the
     synthetic world, aligned to the frame's LiDAR, is closer to the official ground truth than unaligned."""
-    from depth_node.completion import align_depth, apply_alignment, project_lidar
-    from depth_node.completion_engine import CompletionRunner
-    from depth_node.conversions import camera_info_to_P, image_to_numpy, to_rgb
+    from depth_node.alignment import align_depth, apply_alignment
+    from depth_node.codec import camera_info_to_P, pointcloud2_to_xyz, transform_to_matrix
+    from depth_node.completion import CompletionRunner
     from depth_node.engine import open_engine
-    from depth_node.geometry import pointcloud2_to_xyz, transform_to_matrix
+    from depth_node.geometry import lidar_to_depth as project_lidar
+    from depth_node.image_codec import image_to_numpy, to_rgb
     from distill.models import load_model
     from distill.verbs.export import export_onnx
 

@@ -17,7 +17,7 @@ from rosbags.rosbag2 import Writer as Writer2
 from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 from torch.utils.data import DataLoader
 
-from depth_node.geometry import pointcloud2_to_xyz
+from depth_node.codec import pointcloud2_to_xyz
 from distill.config import load_data_config
 from distill.data import build_dataset
 from distill.data.rosbag import DEFAULT_TOPICS, BagDataset, lookup_transform, transform_to_matrix

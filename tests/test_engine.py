@@ -263,3 +263,59 @@ def test_runtime_imports_neither_torch_nor_onnx():
     code = "import sys, depth_node.engine; print(sorted({'torch', 'onnx', 'distill', 'tensorrt'} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+# --- ONNX external data ------------------------------------------------------------------------------------------
+# ONNX Runtime 1.20 (inside onnxruntime>=1.17) reads such locations; newer releases refuse some of them, with
+# multi-line messages. The node refuses them itself, before creating a session, on every release.
+def model_with_external_tensor(folder, location: str):
+    """The closed-form model plus depth += a float32 tensor stored as external data at `location` (not checked)."""
+    path = write_model(folder / "model.onnx")
+    model = onnx.load(str(path))
+    (final,) = [node for node in model.graph.node if "depth" in node.output]
+    final.output[0] = "depth_base"
+    model.graph.node.append(helper.make_node("Add", ["depth_base", "extra"], ["depth"]))
+    extra = helper.make_tensor("extra", TensorProto.FLOAT, [1], [0.0])
+    extra.ClearField("float_data")
+    extra.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", "4")):
+        extra.external_data.add(key=key, value=value)
+    model.graph.initializer.append(extra)
+    onnx.save(model, str(path))  # onnx.save leaves external references as they are
+    return path
+
+
+def test_external_data_beside_the_model_loads_and_is_used(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(np.float32(0.25).tobytes())
+    engine = open_engine(model_with_external_tensor(tmp_path, "weights.bin"), "onnxruntime-cpu")
+    image = np.zeros((32, 64, 3), np.uint8)
+    image[..., 0] = 102  # red 0.4: depth 1.4 m, + 0.25 from the file
+    np.testing.assert_allclose(engine.infer(image).depth, 1.65, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["absolute", "parent", "symlink"])
+def test_external_data_outside_the_model_folder_is_refused_before_onnx_runtime_reads_it(
+    tmp_path, kind, capsys, shared_data
+):
+    from depth_node.bag import main
+
+    secret = tmp_path / "secret.bin"  # stands for /etc/passwd
+    secret.write_bytes(np.float32(1.0).tobytes())
+    folder = tmp_path / "model"
+    folder.mkdir()
+    if kind == "symlink":
+        (folder / "inside.bin").symlink_to(secret)
+    location = {"absolute": str(secret), "parent": "../secret.bin", "symlink": "inside.bin"}[kind]
+    path = model_with_external_tensor(folder, location)
+    message = f"{path}: tensor 'extra' keeps its data in '{location}', outside the model's folder: refused"
+    for load in (
+        lambda: open_engine(path, "onnxruntime-cpu"),
+        lambda: open_engine(path),
+        lambda: read_onnx_metadata(path),
+    ):
+        with pytest.raises(ModelLoadError) as error:
+            load()
+        assert str(error.value).startswith(message), error.value
+    bag = shared_data / "kitti_rosbag2_sample" / "kitti_0001_f5_mcap"
+    assert main([str(bag), str(tmp_path / "out"), "--model", str(path)]) == 2  # the bag tool, as the node
+    assert capsys.readouterr().err == f"depth_node_bag: error: {error.value}\n"

@@ -140,7 +140,7 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys, argv, message):
 
 
 def test_completion_network_exports_with_its_extra_inputs(tmp_path):
-    from depth_node.completion_engine import COMPLETION_INPUTS, CompletionRunner
+    from depth_node.completion import COMPLETION_INPUTS, CompletionRunner
     from distill.models.completion import CompletionNet
 
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""depth_node.geometry: back-projection, PointCloud2 packing and parsing, LiDAR to sparse depth, on synthetic
+"""depth_node.geometry and codec: back-projection, PointCloud2 packing and parsing, LiDAR to sparse depth, on synthetic
 arrays, real sensor_msgs messages and the real KITTI rosbag2 sample."""
 
 from __future__ import annotations
@@ -9,27 +9,19 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from depth_node.conversions import (
+from depth_node.codec import (
     camera_info_to_P,
-    compressed_to_numpy,
-    image_to_numpy,
-    scale_camera_info,
-    to_rgb,
-    validate_camera_info,
-)
-from depth_node.geometry import (
-    backproject,
     empty_cloud,
-    lidar_to_depth,
     make_pointcloud2,
     pack_cloud,
     pointcloud2_to_xyz,
-    points_to_depth_image,
-    project_points,
+    scale_camera_info,
     set_cloud_colours,
-    transform_points,
     transform_to_matrix,
+    validate_camera_info,
 )
+from depth_node.geometry import backproject, lidar_to_depth, points_to_depth_image, project_points, transform_points
+from depth_node.image_codec import compressed_to_numpy, image_to_numpy, to_rgb
 
 RNG = np.random.default_rng(0)
 P_MONO = np.array([[721.5377, 0.0, 609.5593, 0.0], [0.0, 721.5377, 172.854, 0.0], [0.0, 0.0, 1.0, 0.0]])

@@ -32,7 +32,9 @@ LAUNCH_API = {
     "launch_ros.actions": {"Node"},
     "launch_ros.parameter_descriptions": {"ParameterValue"},
 }
-OTHER_IMPORTS = {"os": None, "ament_index_python.packages": {"get_package_share_directory"}}
+# The topic table comes from the package itself (installed beside the launch file by colcon).
+OTHER_IMPORTS = {"os": None, "ament_index_python.packages": {"get_package_share_directory"},
+                 "depth_node.topics": {"kitti_remappings"}}  # fmt: skip
 
 
 class Recorded:

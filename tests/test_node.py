@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import rclpy
@@ -24,15 +25,18 @@ from node_fixtures import (
     depth_array,
     exported_student,
     image_msg,
+    jpeg_bomb,
     kitti_frame,
     make_header,
+    png_bomb,
     ramp_image,
     ramp_model,
     spin_until,
 )
 from rclpy.parameter import Parameter
 
-from depth_node.node import DepthNode, FrameSlot
+from depth_node.frame_slot import FrameSlot
+from depth_node.node import DepthNode
 
 pytestmark = pytest.mark.ros
 
@@ -131,6 +135,16 @@ def test_depth_points_and_camera_info_from_one_frame(graph):
             "truncated image",
         ),
         ("step too small", lambda rgb, s: _with(image_msg(rgb, s), step=WIDTH * 3 - 1), "step"),
+        (
+            "a forged megabyte-long encoding",
+            lambda rgb, s: _with(image_msg(rgb, s), encoding="\n[FATAL] forged" + "x" * 2**20),
+            "frame skipped: unsupported image encoding '\\n[FATAL] forgedxxx",
+        ),
+        (
+            "over the pixel limit",
+            lambda rgb, s: _with(image_msg(rgb, s), height=9000, width=9000, step=27000),
+            "frame skipped: image is 9000x9000 (81.0 MP), more than max_image_pixels=40000000",
+        ),
     ],
 )
 def test_a_malformed_image_is_skipped_with_a_warning_and_the_next_is_processed(graph, problem, make_image, warning):
@@ -144,6 +158,7 @@ def test_a_malformed_image_is_skipped_with_a_warning_and_the_next_is_processed(g
     )
     publish_until_output(probe, rgb, info)
     assert probe.get("depth", bad_stamp) is None and probe.get("depth/camera_info", bad_stamp) is None, problem
+    assert all(len(line) < 1000 and "\n" not in line for line in probe.warnings(warning)), problem
 
 
 def test_nan_intrinsics_skip_the_frame_and_valid_ones_resume(graph):
@@ -153,7 +168,7 @@ def test_nan_intrinsics_skip_the_frame_and_valid_ones_resume(graph):
     bad_info.k[0] = bad_info.p[0] = math.nan
     probe.pub_info.publish(bad_info)
     spin_until(
-        lambda: node.camera_info is not None and math.isnan(node.camera_info.k[0]),
+        lambda: node.stream.camera_info is not None and math.isnan(node.stream.camera_info.k[0]),
         lambda: probe.pub_info.publish(bad_info),
     )
     bad_stamp = Stamps.new()
@@ -246,7 +261,6 @@ def compressed_graph(tmp_path_factory):
 
 
 def test_compressed_input_and_a_strided_coloured_cloud(compressed_graph):
-    import cv2
     from sensor_msgs.msg import CompressedImage
 
     node, probe = compressed_graph
@@ -270,6 +284,35 @@ def test_compressed_input_and_a_strided_coloured_cloud(compressed_graph):
     rgb_offset = next(f.offset for f in points.fields if f.name == "rgb")
     packed = raw[..., rgb_offset : rgb_offset + 4].copy().view("<u4")[..., 0]  # PCL: 0x00RRGGBB
     np.testing.assert_array_equal(np.stack([packed >> 16, (packed >> 8) & 255, packed & 255], -1), rgb[::2, ::2])
+
+
+@pytest.mark.parametrize(
+    ("bomb", "declared"),
+    [(png_bomb(12000, 12000), "12000x12000 (144.0 MP)"), (jpeg_bomb(8000, 8000), "8000x8000 (64.0 MP)")],
+    ids=["png", "jpeg"],
+)
+def test_a_decompression_bomb_is_refused_unread_and_the_next_frame_is_processed(compressed_graph, bomb, declared):
+    from sensor_msgs.msg import CompressedImage
+
+    node, probe = compressed_graph
+    publisher = probe.node.create_publisher(CompressedImage, "image/compressed", 10)
+    rgb, info = ramp_image(HEIGHT, WIDTH), camera_info_msg(K_FULL, 2 * WIDTH, 2 * HEIGHT, 0)
+    png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
+
+    def publish(stamp: int, data: bytes) -> None:
+        info.header = make_header(stamp, "camera_optical")
+        probe.pub_info.publish(info)
+        publisher.publish(CompressedImage(header=make_header(stamp, "camera_optical"), format="png", data=data))
+
+    warning = f"frame skipped: CompressedImage declares {declared}, more than max_image_pixels=40000000"
+    bad_stamp, counters = Stamps.new(), dict(vars(node.counters))
+    spin_until(lambda: probe.warnings(warning) and node.counters.bad_input > counters["bad_input"],
+               lambda: publish(bad_stamp, bomb))  # fmt: skip
+    assert node.counters.failed == counters["failed"] and node.counters.frames_out == counters["frames_out"]
+    assert probe.get("depth", bad_stamp) is None and probe.get("depth/camera_info", bad_stamp) is None
+    stamp = Stamps.new()
+    spin_until(lambda: probe.get("depth", stamp), lambda: publish(stamp, png))
+    np.testing.assert_allclose(depth_array(probe.get("depth", stamp)), rgb[..., 0] / 255.0 + 1.0, atol=1e-4)
 
 
 def _with(msg, **fields):
@@ -374,3 +417,34 @@ def test_console_script_start_up_errors_name_the_problem(tmp_path, ros_args, mes
     result = run_console(*[arg.replace("MODEL", str(model)) for arg in ros_args])
     assert result.returncode == 1 and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("ros_args", "problem"),
+    [
+        (["-p", "model:="], "Couldn't parse parameter override rule: '-p model:='"),
+        (["-p"], "Couldn't parse trailing -p flag. No parameter override rule found."),
+        (
+            ["--params-file", "MISSING"],
+            "Couldn't parse params file: '--params-file MISSING'. Error: Error opening YAML file",
+        ),
+        (
+            ["--params-file", "BROKEN"],
+            "Couldn't parse params file: '--params-file BROKEN'. Error: Error parsing a event near line 3",
+        ),
+        (["--params-file"], "Couldn't parse trailing --params-file flag. No file path provided."),
+        (["-r", "image"], "Couldn't parse remap rule: '-r image'"),
+    ],
+    ids=["empty value", "trailing -p", "missing params file", "broken params file", "no params file", "bad remap"],
+)
+def test_malformed_ros_args_are_one_line_and_exit_code_1(tmp_path, ros_args, problem):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("depth_node:\n  ros__parameters:\n    model: [unclosed\n")
+    names = {"MISSING": str(tmp_path / "missing.yaml"), "BROKEN": str(broken)}
+    result = run_console(*[names.get(arg, arg) for arg in ros_args])
+    for name, path in names.items():
+        problem = problem.replace(name, path)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith(f"depth_node: error: invalid --ros-args: {problem}"), result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr  # one line: no traceback, no rcl log line

@@ -1,7 +1,7 @@
 """The depth node under random input (hypothesis): Image, CompressedImage, CameraInfo and PointCloud2 field values
 (encodings, sizes, steps, truncated data, NaN/Inf/zero intrinsics, empty and malformed clouds, stamps out of order).
 
-Most examples go through a live DepthNode's handlers synchronously (`_on_camera_info`, `_on_lidar`,
+Most examples go through a live DepthNode's handlers synchronously (`stream.on_camera_info`, `stream.on_scan`,
 `handle_frame`); a few are published on real topics. The contract (shared/docs/ros.md, "Failure behaviour"): no
 exception escapes; each bad message is counted once in the node's counters and warned about on /rosout, throttled
 per kind; nothing fails inside processing (`failed` stays 0: the catch-all is a safety net, not a path); and the
@@ -35,7 +35,7 @@ from node_fixtures import (
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import CompressedImage, Image, PointCloud2, PointField
 
-from depth_node.flow import WARN_PERIOD_S, Throttle
+from depth_node.log_throttle import WARN_PERIOD_S, Throttle
 from depth_node.node import DepthNode
 
 pytestmark = pytest.mark.ros
@@ -219,7 +219,7 @@ def feed(node: DepthNode, handler, msg) -> dict[str, int]:
 def assert_processes_a_valid_frame(node: DepthNode) -> None:
     """A good camera_info and ramp image: the depth is red/255 + 1 m, exactly (no resize at the model size)."""
     stamp = next(VALID_STAMPS)
-    node._on_camera_info(camera_info_msg(K, WIDTH, HEIGHT, stamp))
+    node.stream.on_camera_info(camera_info_msg(K, WIDTH, HEIGHT, stamp))
     rgb = ramp_image(HEIGHT, WIDTH)
     result = node.handle_frame(image_msg(rgb, stamp))
     assert result is not None and result.depth.shape == (HEIGHT, WIDTH)
@@ -248,14 +248,14 @@ def test_random_images_and_camera_infos_are_counted_warned_and_followed_by_a_goo
     @settings(max_examples=400, **SETTINGS)
     @given(st.lists(st.one_of(raw_images(), compressed_images(), camera_infos()), min_size=1, max_size=3))
     def run(messages):
-        node._on_camera_info(camera_info_msg(K, WIDTH, HEIGHT, 0))
+        node.stream.on_camera_info(camera_info_msg(K, WIDTH, HEIGHT, 0))
         for msg, bad in messages:
             if isinstance(msg, Image | CompressedImage):
                 assert_counted(feed(node, node.handle_frame, msg), bad, good={"frames_out": 1})
             else:  # the camera_info is checked with the next frame, which it makes bad
-                assert feed(node, node._on_camera_info, msg) == {}
+                assert feed(node, node.stream.on_camera_info, msg) == {}
                 assert_counted(feed(node, node.handle_frame, image_msg(ramp_image(5, 7), 0)), bad, {"frames_out": 1})
-                node._on_camera_info(camera_info_msg(K, WIDTH, HEIGHT, 0))
+                node.stream.on_camera_info(camera_info_msg(K, WIDTH, HEIGHT, 0))
         assert_processes_a_valid_frame(node)
 
     run()
@@ -274,32 +274,40 @@ def test_random_clouds_are_counted_and_never_break_the_alignment(nodes):
     @given(clouds())
     def run(drawn):
         cloud, bad = drawn
-        assert_counted(feed(node, node._on_lidar, cloud), bad, good={})
+        assert_counted(feed(node, node.stream.on_scan, cloud), bad, good={})
         # a frame at the cloud's stamp pairs with it: the alignment runs on whatever the cloud held
         stamp = cloud.header.stamp.sec * 10**9 + cloud.header.stamp.nanosec
-        node._on_camera_info(camera_info_msg(K, WIDTH, HEIGHT, stamp))
+        node.stream.on_camera_info(camera_info_msg(K, WIDTH, HEIGHT, stamp))
         assert feed(node, node.handle_frame, image_msg(rgb, stamp)) == {"frames_out": 1}
-        assert node.last_result.depth.shape == (HEIGHT, WIDTH)
+        assert node.stream.last_result.depth.shape == (HEIGHT, WIDTH)
         stamp = next(VALID_STAMPS)  # then a good scan and frame: aligned to the truth again
-        node._on_lidar(cloud_msg(scan, stamp + 5_000_000, "velodyne"))
+        node.stream.on_scan(cloud_msg(scan, stamp + 5_000_000, "velodyne"))
         result = node.handle_frame(image_msg(rgb, stamp))
         assert result.alignment.ok and not result.alignment.from_prior
         np.testing.assert_allclose(result.depth, truth, rtol=0.01)
 
-    node._on_camera_info(camera_info_msg(K, WIDTH, HEIGHT, 0))
+    node.stream.on_camera_info(camera_info_msg(K, WIDTH, HEIGHT, 0))
     run()
     assert node.counters.failed == 0
     assert_warned_and_throttled(probe, "fuzz_lidar.depth_node", "LiDAR scan skipped: ", started)
 
 
 def test_a_flood_of_one_kind_logs_once_per_period_and_counts_what_it_held_back():
-    throttle = Throttle(period=0.3)
+    now = [100.0]
+    throttle = Throttle(period=2.0, clock=lambda: now[0])
     assert throttle("image", "frame skipped: a") == "frame skipped: a"
-    assert [throttle("image", f"frame skipped: {n}") for n in range(20)] == [None] * 20
+    for _ in range(20):
+        now[0] += 0.09  # 20 more within 1.8 s: all held back
+        assert throttle("image", "frame skipped: held") is None
     assert throttle("lidar", "scan skipped") == "scan skipped"  # another kind has its own budget
-    time.sleep(0.3)
-    message = throttle("image", "frame skipped: last")
-    assert message.startswith("frame skipped: last (+20 similar in the last 0.3")
+    now[0] = 101.99
+    assert throttle("image", "frame skipped: still held") is None
+    now[0] = 102.5
+    assert throttle("image", "frame skipped: last") == "frame skipped: last (+21 similar in the last 2.5 s)"
+    now[0] = 103.0
+    assert throttle("image", "frame skipped: again") is None  # the period restarts at the line logged
+    now[0] = 104.5
+    assert throttle("image", "frame skipped: new") == "frame skipped: new (+1 similar in the last 2.0 s)"
 
 
 # --- real topics -----------------------------------------------------------------------------------------------------
@@ -312,7 +320,7 @@ def test_random_bad_messages_on_real_topics_are_counted_and_the_next_frame_comes
         """Publish a camera_info (default: the good one) under a new stamp until the node holds it."""
         info = info or camera_info_msg(K, WIDTH, HEIGHT, 0)
         info.header.stamp = make_header(next(VALID_STAMPS), "camera_optical").stamp
-        held = lambda: node.camera_info is not None and node.camera_info.header.stamp == info.header.stamp  # noqa: E731
+        held = lambda: node.stream.camera_info is not None and node.stream.camera_info.header.stamp == info.header.stamp  # noqa: E731
         spin_until(held, lambda: probe.pub_info.publish(info))
 
     @settings(max_examples=20, **SETTINGS)

@@ -27,10 +27,11 @@ from node_fixtures import (
 )
 from rclpy.parameter import Parameter
 
-from depth_node.completion import Alignment
+from depth_node.alignment import Alignment
 from depth_node.node import DepthNode
 from depth_node.params import IDENTITY_4X4
-from depth_node.pipeline import DepthPipeline, PipelineOptions, StampBuffer, aligned_states
+from depth_node.pipeline import DepthPipeline, PipelineOptions, aligned_states
+from depth_node.stream import StampBuffer
 
 HEIGHT, WIDTH = 48, 64
 STAMPS = itertools.count(10_000_000_000, 100_000_000)
@@ -95,7 +96,7 @@ def publish_scan_then_frame(node: DepthNode, probe: Probe, rgb, stamp_ns: int, s
         message = scan if not isinstance(scan, np.ndarray) else cloud_msg(scan, scan_stamp, "velodyne")
         message.header.stamp.sec, message.header.stamp.nanosec = divmod(scan_stamp, 1_000_000_000)
         spin_until(
-            lambda: node.clouds.nearest(scan_stamp, 0.0)[0] is not None, lambda: probe.pub_lidar.publish(message)
+            lambda: node.stream.scans.nearest(scan_stamp, 0.0)[0] is not None, lambda: probe.pub_lidar.publish(message)
         )
     info = camera_info_msg(K, WIDTH, HEIGHT, 0)
     frames_out = node.counters.frames_out
@@ -158,7 +159,7 @@ def test_useless_scans_do_not_crash_and_the_metric_scale_is_held_by_the_prior(gr
     out = publish_scan_then_frame(node, probe, rgb, next(STAMPS), scan)
     assert out["depth"] is not None and out["depth/relative"] is None
     np.testing.assert_allclose(depth_array(out["depth"]), metric_truth(rgb), rtol=0.01)
-    assert node.last_result.alignment.from_prior and node.last_result.alignment.ok
+    assert node.stream.last_result.alignment.from_prior and node.stream.last_result.alignment.ok
     if not isinstance(scan, np.ndarray):
         spin_until(lambda: probe.warnings("LiDAR scan skipped: PointCloud2 has no field 'x'"), timeout=5)
 
@@ -180,7 +181,7 @@ def test_relative_model_without_a_fit_publishes_on_depth_relative_then_aligns(gr
     np.testing.assert_allclose(depth_array(out["depth"]), inverse_truth(rgb), rtol=0.01)
     np.testing.assert_allclose(depth_array(out["depth/mono"]), model_output(rgb), atol=1e-4)
     assert assert_cloud_is_backprojection(out["depth"], probe.get("depth/camera_info", 4_500_000_000), out["points"])
-    assert node.last_result.alignment.space == "inverse"
+    assert node.stream.last_result.alignment.space == "inverse"
 
 
 # --- the same logic without ROS ----------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The depth node's lifecycle: a camera that changes resolution mid-stream, a camera driver that restarts, a bag
 that loops (stamps jump back), subscribers that come and go (lazy processing), a model file that cannot be used
-(clear one-line error, exit code 1), and SIGINT / SIGTERM while frames are being processed (exit code 0 within 2 s:
-rclpy handles both signals and `main` returns normally, so neither leaves as 128 + signal).
+(clear one-line error, exit code 1), and SIGINT / SIGTERM while frames are being processed (exit code 0 while the
+frames keep arriving: rclpy handles both signals and `main` returns normally, so neither leaves as 128 + signal).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +32,13 @@ from node_fixtures import (
     spin_until,
     surface_scan,
 )
+from rclpy._rclpy_pybind11 import InvalidHandle
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, Image
 
-from depth_node.metadata import read_onnx_metadata
+from depth_node.metadata import ModelLoadError, read_onnx_metadata
 from depth_node.node import DepthNode
 from depth_node.trt_backend import SIDECAR_FORMAT
 
@@ -163,9 +165,9 @@ def test_stamps_jumping_back_reset_the_lidar_scale_prior(graph):
     rgb = ramp_image(*MODEL_SIZE)
     truth = 2.5 * (rgb[..., 0] / 255.0 + 1.0) + 0.3
     try:
-        node._on_camera_info(camera_info_msg(K, MODEL_SIZE[1], MODEL_SIZE[0], 0))
+        node.stream.on_camera_info(camera_info_msg(K, MODEL_SIZE[1], MODEL_SIZE[0], 0))
         end_of_bag = 100_000_000_000
-        node._on_lidar(cloud_msg(surface_scan(truth, K, np.eye(4)), end_of_bag, "velodyne"))
+        node.stream.on_scan(cloud_msg(surface_scan(truth, K, np.eye(4)), end_of_bag, "velodyne"))
         assert node.handle_frame(image_msg(rgb, end_of_bag)).alignment.ok
         still = node.handle_frame(image_msg(rgb, end_of_bag + 100_000_000))  # no scan: the prior holds the scale
         assert still.alignment.from_prior and still.metric
@@ -175,6 +177,21 @@ def test_stamps_jumping_back_reset_the_lidar_scale_prior(graph):
         np.testing.assert_allclose(restart.depth, rgb[..., 0] / 255.0 + 1.0, atol=1e-4)  # the model's own scale
     finally:
         node.destroy_node()
+
+
+def test_a_failed_start_destroys_the_half_built_node_before_raising(graph, tmp_path):
+    """The node is gone from the graph the moment the error is raised, even while the error keeps the object alive."""
+    context, _, probe, _ = graph
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not an ONNX model")
+    with pytest.raises(ModelLoadError, match="not a readable ONNX model") as error:
+        DepthNode(context=context, namespace="failed_start", parameter_overrides=parameters(broken))
+    frames = traceback.walk_tb(error.value.__traceback__)
+    half_built = next(f.f_locals["self"] for f, _ in frames if isinstance(f.f_locals.get("self"), DepthNode))
+    with pytest.raises(InvalidHandle):
+        half_built.get_name()
+    assert list(half_built.publishers) == [] and list(half_built.services) == []
+    assert ("depth_node", "/failed_start") not in probe.node.get_node_names_and_namespaces()
 
 
 # --- the console script ------------------------------------------------------------------------------------------
@@ -235,7 +252,7 @@ def test_unusable_model_files_fail_at_start_up_with_one_line_naming_file_and_pro
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_while_frames_are_processed_shuts_down_cleanly_within_2_s(tmp_path, signum):
+def test_a_signal_while_frames_are_processed_shuts_down_cleanly_while_they_keep_arriving(tmp_path, signum):
     model = ramp_model(tmp_path / "ramp.onnx", size=(96, 320))  # KITTI-size frames: a few ms of work each
     process = subprocess.Popen(
         [
@@ -270,10 +287,11 @@ def test_a_signal_while_frames_are_processed_shuts_down_cleanly_within_2_s(tmp_p
         publisher.start()
         spin_until(lambda: len(probe.received["depth"]) >= 3 or process.poll() is not None, timeout=60)
         assert process.poll() is None, process.communicate()[1]
-        sent_at, sent = time.time(), time.monotonic()
+        sent_at = time.time()
         process.send_signal(signum)
-        stdout, stderr = process.communicate(timeout=30)
-        elapsed = time.monotonic() - sent
+        stdout, stderr = process.communicate(timeout=30)  # a guard against a hang, not a speed target
+        # The input never stopped: the node left on the signal itself, not once the frames ran out.
+        exited_while_streaming = publisher.is_alive() and not streaming.is_set()
     finally:
         streaming.set()
         publisher.join()
@@ -282,7 +300,7 @@ def test_a_signal_while_frames_are_processed_shuts_down_cleanly_within_2_s(tmp_p
         if process.poll() is None:
             process.kill()
     assert process.returncode == 0, stderr
-    assert elapsed < 2.0, f"{signal.Signals(signum).name}: {elapsed:.2f} s to exit"
+    assert exited_while_streaming, f"{signal.Signals(signum).name}: the node waited for the input to end"
     assert "Traceback" not in stdout + stderr and "Failed to publish" not in stderr, stderr
     assert not logged_after(stderr, sent_at, ("[WARN]", "[ERROR]", "[FATAL]")), stderr  # nothing went wrong in exit
 

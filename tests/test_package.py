@@ -16,7 +16,7 @@ import tomllib
 import yaml
 from node_fixtures import PACKAGE, setup_keyword
 
-from depth_node import params
+from depth_node import params, topics
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = sorted((PACKAGE / "depth_node").glob("*.py"))
@@ -53,6 +53,35 @@ def test_package_xml_is_format_3_ament_python_and_declares_every_ros_import():
 def test_runtime_code_never_imports_torch_or_distill():
     for path in SOURCES:
         assert not top_level_imports(path) & {"torch", "distill", "torchvision", "timm"}, path.name
+
+
+def depth_node_imports(path: Path) -> set[str]:
+    """depth_node modules a package file imports, at the top or inside functions (relative imports included)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.level == 1 or (node.module or "").startswith("depth_node")):
+            module = (node.module or "").removeprefix("depth_node").lstrip(".")
+            names |= {module} if module else {alias.name for alias in node.names}
+        elif isinstance(node, ast.Import):
+            names |= {a.name.split(".")[1] for a in node.names if a.name.startswith("depth_node.")}
+    return names - {""}
+
+
+def test_package_modules_have_no_import_circle_and_stay_under_400_lines():
+    graph = {path.stem: depth_node_imports(path) & {p.stem for p in SOURCES} for path in SOURCES}
+    for start in graph:  # depth-first from every module: reaching it again is a circle
+        stack, seen = [(start, [start])], set()
+        while stack:
+            module, chain = stack.pop()
+            for imported in graph[module]:
+                assert imported != start, f"import circle: {' -> '.join([*chain, imported])}"
+                if imported not in seen:
+                    seen.add(imported)
+                    stack.append((imported, [*chain, imported]))
+    assert graph["stream"] >= {"codec", "pipeline"} and "stream" in graph["node"] and "stream" in graph["bag"]
+    assert all(len(path.read_text().splitlines()) <= 400 for path in SOURCES)
+
+
 
 
 @pytest.mark.slow
@@ -102,6 +131,17 @@ def test_parameter_table_lists_every_parameter_with_its_default():
     assert table == {name: _doc_default(spec.default) for name, spec in params.PARAMETERS.items()}
 
 
+def test_readme_topic_tables_list_the_topic_table():
+    readme = (REPO / "README.md").read_text()
+
+    def table(heading: str) -> set[str]:
+        section = readme.split(heading)[1].split("\n#")[0]
+        return {line.split("|")[1].strip(" `") for line in section.splitlines() if line.startswith("| `")}
+
+    assert table("### Subscribed topics") == set(topics.INPUTS)
+    assert table("### Published topics") == set(topics.OUTPUTS) | {topics.DIAGNOSTICS}
+
+
 def test_kitti_yaml_sets_every_parameter_and_resolves():
     values = yaml.safe_load((REPO / "config" / "kitti.yaml").read_text())["depth_node"]["ros__parameters"]
     assert list(values) == list(params.PARAMETERS)
@@ -118,6 +158,10 @@ def test_kitti_yaml_sets_every_parameter_and_resolves():
         ({"min_depth": 5.0, "max_depth": 2.0}, "'min_depth' (5.0) must be < 'max_depth' (2.0)"),
         ({"lidar_to_camera": [1.0] * 12}, "must have 16 values"),
         ({"lidar_to_camera": [1.0] * 16}, "the last row must be 0 0 0 1"),
+        ({"lidar_to_camera": [0.0] * 12 + [0.0, 0.0, 0.0, 1.0]}, "must be a rigid transform"),
+        ({"lidar_to_camera": [2.0, 0, 0, 0, 0, 2.0, 0, 0, 0, 0, 2.0, 0, 0, 0, 0, 1]}, "determinant 8"),
+        ({"diagnostics_period": 1e-6}, "'diagnostics_period' must be in [0.1, 3600.0] s, got 1e-06"),
+        ({"max_image_pixels": 0}, "'max_image_pixels' must be >= 1"),
         ({"alignment_momentum": 1.0}, "'alignment_momentum' must be in [0, 1)"),
         ({"sub_reliability": "reliabel"}, "'sub_reliability' must be one of best_effort, reliable"),
     ],

@@ -152,6 +152,15 @@ def test_sidecar_errors_name_the_file(tmp_path):
         read_sidecar(engine)
 
 
+def test_an_engine_without_its_sidecar_is_reported_as_such_before_tensorrt_is_imported(tmp_path):
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"\0" * 64)
+    with pytest.raises(ModelLoadError) as error:
+        open_engine(engine, "tensorrt")
+    assert "tensorrt: " + str(engine) + ": no sidecar model.engine.json beside the engine" in str(error.value)
+    assert "not installed" not in str(error.value)  # whether TensorRT is here or not
+
+
 def test_stale_engine_falls_back_to_onnx_runtime_with_the_reason(exported, tmp_path):
     onnx_path = tmp_path / exported["static"].name
     onnx_path.write_bytes(exported["static"].read_bytes())

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from depth_node.completion import align_depth, apply_alignment
-from depth_node.completion_engine import sanitize_aligned
+from depth_node.alignment import align_depth, apply_alignment
+from depth_node.completion import sanitize_aligned
 from distill.config import CompletionSettings, Config
 from distill.errors import UserError
 from distill.kd.method import Batch, Method

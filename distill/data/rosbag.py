@@ -30,13 +30,15 @@ from rosbags.rosbag2 import ReaderError as Ros2ReaderError
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from depth_node.conversions import (
+from depth_node.codec import (
     camera_info_to_P,
-    image_msg_to_rgb,
+    pointcloud2_to_xyz,
     ros2_camera_info,
+    transform_to_matrix,
     validate_camera_info,
 )
-from depth_node.geometry import lidar_to_depth, lookup_transform, pointcloud2_to_xyz, transform_to_matrix
+from depth_node.geometry import lidar_to_depth, lookup_transform
+from depth_node.image_codec import image_msg_to_rgb
 from distill.data.samples import make_sample
 from distill.errors import UserError
 

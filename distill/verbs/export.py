@@ -375,7 +375,7 @@ def print_usage(paths: list[Path]) -> None:
     model = paths[-1].resolve()
     print("run it:")
     if model.suffix == ".onnx" and read_onnx_metadata(model).arch == "completion":  # stage 3, not a depth model
-        print(f"  python -c \"from depth_node.completion_engine import CompletionRunner; CompletionRunner('{model}')\"")
+        print(f"  python -c \"from depth_node.completion import CompletionRunner; CompletionRunner('{model}')\"")
         print("  in the node's pipeline: DepthPipeline(engine, options, completion=CompletionRunner(path))")
         print("  python benchmarks/completion.py")
         return

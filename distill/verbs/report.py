@@ -86,8 +86,8 @@ def _messages_at(bag: Path, topics: tuple[str, ...], stamp: tuple[int, int]) -> 
 def live_pictures(recorded: Path, image_topic: str, folder: Path) -> tuple[dict[str, Path], bool | None]:
     """live_node.png and live_points.png from the middle recorded frame of the live node, and whether that frame's
     /points is the back-projection of its /depth (to 1 mm; None without /points)."""
-    from depth_node.conversions import image_to_numpy
-    from depth_node.geometry import pointcloud2_to_xyz
+    from depth_node.codec import pointcloud2_to_xyz
+    from depth_node.image_codec import image_to_numpy
 
     frames = bag_frames(recorded, "/depth", image_topic, None)
     frame = frames[len(frames) // 2]

@@ -94,7 +94,8 @@ def bag_frames(source: Path, depth_topic: str, image_topic: str, limit: int | No
     coloured by `image_topic` where a message has the same stamp."""
     from rosbags.highlevel import AnyReader
 
-    from depth_node.conversions import camera_info_to_P, image_to_numpy, to_rgb
+    from depth_node.codec import camera_info_to_P
+    from depth_node.image_codec import image_to_numpy, to_rgb
 
     info_topic = f"{depth_topic}/camera_info"
     with AnyReader([source]) as reader:

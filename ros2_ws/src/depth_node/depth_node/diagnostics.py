@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
 
-from depth_node.completion import Alignment
+from depth_node.alignment import Alignment
 
 HARDWARE_ID = "depth_node"
 

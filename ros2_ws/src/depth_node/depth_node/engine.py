@@ -23,7 +23,7 @@ from typing import Literal, Protocol
 import cv2
 import numpy as np
 
-from depth_node.metadata import ModelLoadError, ModelMetadata, error_summary, metadata_from_map
+from depth_node.metadata import ModelLoadError, ModelMetadata, check_onnx_file, error_summary, metadata_from_map
 from depth_node.trt_backend import INPUT_NAME, BackendUnavailable, TensorRTRunner, find_cached_engine, read_sidecar
 
 __all__ = ["BACKENDS", "DepthEngine", "EngineResult", "InputGeometry", "ModelLoadError", "ModelMetadata", "open_engine"]
@@ -143,7 +143,7 @@ class OrtRunner:
     """ONNX Runtime session with one execution provider (plus CPU for the ops it lacks).
 
     `inputs` lists the graph's input names, "image" first: a depth model takes only the image, a completion network
-    (completion_engine.py) also takes depth maps, passed to `run` by name.
+    (completion.py) also takes depth maps, passed to `run` by name.
     """
 
     def __init__(
@@ -163,6 +163,7 @@ class OrtRunner:
         # Idle worker threads sleep instead of spinning: the node shares the CPU with the rest of the robot's stack,
         # and spinning threads on a busy CPU made latency worse here (170 vs 124 ms, 2 threads, loaded 2-core box).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        check_onnx_file(path)  # before ONNX Runtime reads anything the file points at
         providers: list = [(provider, _provider_options(provider, path, device))]
         if provider == "TensorrtExecutionProvider" and "CUDAExecutionProvider" in available:
             providers.append(("CUDAExecutionProvider", {"device_id": device}))

@@ -1,62 +1,22 @@
-"""Camera geometry in numpy, vectorised: rigid transforms, sparse depth from a point cloud (z-buffered),
-depth back-projection and PointCloud2 packing/parsing.
+"""Camera geometry in numpy, vectorised: rigid transforms, a static TF tree, projection, sparse depth from a point
+cloud (z-buffered) and depth back-projection.
 
 Conventions: camera optical frame (x right, y down, z forward), pixel (u, v) = column, row with integer
 coordinates at pixel centres, P the 3x4 rectified projection matrix as in CameraInfo.P / KITTI P_rect_0x.
-Only make_pointcloud2 touches ROS (it imports sensor_msgs lazily); nothing here imports rclpy or torch.
+Pure numpy: message parsing and building (PointCloud2, TF) is `codec.py`'s.
 """
 
 from __future__ import annotations
 
-import array
 from collections import defaultdict
-from typing import Any, NamedTuple
 
 import numpy as np
-
-from .conversions import message_array, message_bytes, new_message
-
-# sensor_msgs/PointField datatype codes (INT8 = 1 ... FLOAT64 = 8) and their numpy types.
-POINTFIELD_DTYPES = {1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 8: "f8"}
-_FLOAT32 = 7
-# Bytes per point: x, y, z float32 (12, no padding), or x, y, z, rgb (16; rgb packed as PCL does, at 12) instead of
-# PCL's padded 16-byte PointXYZ / 32-byte PointXYZRGB. A full-resolution KITTI cloud is then 5.6 MB instead of 7.5,
-# which is most of what publishing it costs. Readers (rviz, PCL's fromROSMsg, Foxglove, depth_image_proc's
-# consumers) locate fields by name and offset, so every layout reads back the same.
-POINT_STEPS = {False: 12, True: 16}
-
-
-class CloudField(NamedTuple):
-    """One PointField: name, byte offset in a point, datatype code (POINTFIELD_DTYPES), element count."""
-
-    name: str
-    offset: int
-    datatype: int
-    count: int = 1
 
 
 def transform_points(transform: np.ndarray, points: np.ndarray) -> np.ndarray:
     """Apply a 4x4 rigid transform. points: (N, 3) -> (N, 3) float64."""
     points = np.asarray(points, dtype=np.float64)
     return points @ transform[:3, :3].T + transform[:3, 3]
-
-
-def transform_to_matrix(transform: Any) -> np.ndarray:
-    """geometry_msgs/Transform (translation, rotation quaternion; normalised here) as a 4x4 float64 matrix.
-
-    A TF from `header.frame_id` (parent) to `child_frame_id` maps child-frame points into the parent frame:
-    for parent velo_link and child camera it is T_lidar_cam, and lidar_to_depth wants its inverse.
-    """
-    t, q = transform.translation, transform.rotation
-    x, y, z, w = np.array([q.x, q.y, q.z, q.w], dtype=np.float64) / np.linalg.norm([q.x, q.y, q.z, q.w])
-    matrix = np.eye(4)
-    matrix[:3, :3] = [
-        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
-    ]
-    matrix[:3, 3] = [t.x, t.y, t.z]
-    return matrix
 
 
 def lookup_transform(edges: dict[tuple[str, str], np.ndarray], target: str, source: str) -> np.ndarray | None:
@@ -171,149 +131,6 @@ def backproject(
         np.multiply(z, x_per_metre[None, :], out=points[..., 0])
         np.multiply(z, y_per_metre[:, None], out=points[..., 1])
     return points
-
-
-def _fields_dtype(fields: list[CloudField], point_step: int, bigendian: bool = False) -> np.dtype:
-    """Structured dtype of one point holding the given fields at their offsets (other bytes skipped)."""
-    order = ">" if bigendian else "<"
-    formats = [order + POINTFIELD_DTYPES[field.datatype] for field in fields]
-    return np.dtype(
-        {
-            "names": [f.name for f in fields],
-            "formats": formats,
-            "offsets": [f.offset for f in fields],
-            "itemsize": point_step,
-        }
-    )
-
-
-class PackedCloud(NamedTuple):
-    """An organised cloud in PointCloud2 layout: little-endian points, row-major, `point_step` bytes each.
-
-    `payload` is an array.array('B') of height * width * point_step bytes, kept by make_pointcloud2 without a copy;
-    `points` is a writable (height, width, 3) float32 view of its x, y, z.
-    """
-
-    fields: list[CloudField]
-    point_step: int
-    payload: array.array
-    points: np.ndarray
-
-
-def empty_cloud(height: int, width: int, colour: bool = False) -> PackedCloud:
-    """A zeroed organised cloud to fill in place (backproject(..., out=cloud.points), then set_cloud_colours).
-
-    Layout: x, y, z float32 at 0, 4, 8 (point_step 12), plus rgb at 12 with colour (point_step 16, see POINT_STEPS).
-    """
-    fields = [CloudField("x", 0, _FLOAT32), CloudField("y", 4, _FLOAT32), CloudField("z", 8, _FLOAT32)]
-    if colour:
-        fields.append(CloudField("rgb", 12, _FLOAT32))
-    point_step = POINT_STEPS[colour]
-    payload, block = message_array((height, width, point_step // 4), np.float32)
-    return PackedCloud(fields, point_step, payload, block[..., :3])
-
-
-def set_cloud_colours(cloud: PackedCloud, rgb: np.ndarray) -> None:
-    """Write (H, W, 3) uint8 RGB into a colour cloud's rgb field, packed as PCL does (uint32 0x00RRGGBB as float32)."""
-    if cloud.point_step != POINT_STEPS[True]:
-        raise ValueError("the cloud has no rgb field: make it with empty_cloud(..., colour=True)")
-    rgb = np.asarray(rgb)
-    if rgb.shape != cloud.points.shape or rgb.dtype != np.uint8:
-        raise ValueError(f"rgb must be uint8 of shape {cloud.points.shape}, got {rgb.dtype} {rgb.shape}")
-    # Little-endian bytes of 0x00RRGGBB are B, G, R, 0. One plain copy per channel is 4x faster than one
-    # reversed-stride copy of all three.
-    point_bytes = np.frombuffer(cloud.payload, np.uint8).reshape(*rgb.shape[:2], cloud.point_step)
-    for channel in range(3):
-        point_bytes[..., 14 - channel] = rgb[..., channel]
-
-
-def pack_cloud(points: np.ndarray, rgb: np.ndarray | None = None) -> PackedCloud:
-    """PointCloud2 layout and payload of an organised cloud.
-
-    Args:
-        points: (H, W, 3) float32 metres, NaN for invalid points.
-        rgb: (H, W, 3) uint8 RGB of the same pixels (stride it like the points), or None for xyz only.
-    """
-    points = np.asarray(points)
-    if points.ndim != 3 or points.shape[2] != 3:
-        raise ValueError(f"points must be (H, W, 3), got shape {points.shape}")
-    cloud = empty_cloud(*points.shape[:2], colour=rgb is not None)
-    for axis in range(3):  # strided per-channel copies: ~10x faster than one (H, W, 3) block copy (6.6 -> 0.5 ms)
-        cloud.points[..., axis] = points[..., axis]
-    if rgb is not None:
-        set_cloud_colours(cloud, rgb)
-    return cloud
-
-
-def make_pointcloud2(header: Any, cloud: PackedCloud | np.ndarray, rgb: np.ndarray | None = None) -> Any:
-    """Organised sensor_msgs/PointCloud2 (height H, width W, is_dense False) of a PackedCloud, or of (H, W, 3)
-    points (+ uint8 rgb) packed here."""
-    from sensor_msgs.msg import PointCloud2, PointField
-
-    if not isinstance(cloud, PackedCloud):
-        cloud = pack_cloud(cloud, rgb)
-    height, width = cloud.points.shape[:2]
-    return new_message(
-        PointCloud2,
-        header=header,
-        height=height,
-        width=width,
-        fields=[PointField(name=f.name, offset=f.offset, datatype=f.datatype, count=f.count) for f in cloud.fields],
-        is_bigendian=False,
-        point_step=cloud.point_step,
-        row_step=cloud.point_step * width,
-        data=cloud.payload,
-        is_dense=False,
-    )
-
-
-def _requested_fields(msg: Any, names: tuple[str, ...]) -> list[CloudField]:
-    """The named fields of a cloud, checked against its point_step; ValueError naming what is wrong."""
-    available = {f.name: f for f in msg.fields}
-    point_step = int(msg.point_step)
-    fields = []
-    for name in names:
-        if name not in available:
-            raise ValueError(f"PointCloud2 has no field '{name}' (fields: {', '.join(available) or 'none'})")
-        field = CloudField(name, int(available[name].offset), int(available[name].datatype), int(available[name].count))
-        if field.datatype not in POINTFIELD_DTYPES or field.count > 1:
-            raise ValueError(f"PointCloud2 field '{name}' has datatype {field.datatype} x {field.count}: not a scalar")
-        if field.offset + np.dtype(POINTFIELD_DTYPES[field.datatype]).itemsize > point_step:
-            raise ValueError(f"PointCloud2 point_step {point_step} is too small for field '{name}' at {field.offset}")
-        fields.append(field)
-    return fields
-
-
-def pointcloud2_to_xyz(msg: Any, fields: tuple[str, ...] = ("x", "y", "z")) -> np.ndarray:
-    """Points of a sensor_msgs/PointCloud2 (organised or not), honouring point_step, row_step and byte order.
-
-    Args:
-        msg: anything with height, width, fields (name, offset, datatype, count), is_bigendian, point_step,
-            row_step, data.
-        fields: names to read, e.g. ("x", "y", "z", "intensity").
-
-    Returns:
-        (N, len(fields)) float32; points with a non-finite value in any requested field are dropped.
-
-    Raises:
-        ValueError: a requested field missing or not scalar, point_step or row_step too small, data too short.
-    """
-    requested = _requested_fields(msg, tuple(fields))
-    height, width = int(msg.height), int(msg.width)
-    point_step, row_step = int(msg.point_step), int(msg.row_step)
-    if height * width == 0:
-        return np.empty((0, len(requested)), dtype=np.float32)
-    if row_step < point_step * width:
-        raise ValueError(f"PointCloud2 row_step {row_step} < point_step {point_step} x width {width}")
-    buffer = message_bytes(msg.data)
-    if buffer.size < row_step * height:
-        raise ValueError(f"truncated PointCloud2: {buffer.size} bytes of data, row_step x height = {row_step * height}")
-    dtype = _fields_dtype(requested, point_step, bool(msg.is_bigendian))
-    cloud = np.ndarray((height, width), dtype=dtype, buffer=buffer, strides=(row_step, point_step))
-    values = np.empty((height * width, len(requested)), dtype=np.float32)
-    for column, field in enumerate(requested):
-        values[:, column] = cloud[field.name].reshape(-1)
-    return values[np.isfinite(values).all(axis=1)]
 
 
 def lidar_to_depth(

@@ -12,6 +12,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from depth_node.onnx_file import external_data_problem
+
 METADATA_KEY = "depthkd"
 OUTPUT_KINDS = ("metric", "relative_depth", "relative_disparity")
 
@@ -143,8 +145,7 @@ def read_onnx_metadata(path: str | Path) -> ModelMetadata:
     import onnxruntime as ort
 
     path = Path(path)
-    if not path.is_file():
-        raise ModelLoadError(f"model file not found: {path}")
+    check_onnx_file(path)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # only the metadata is wanted
     try:
@@ -152,6 +153,16 @@ def read_onnx_metadata(path: str | Path) -> ModelMetadata:
     except Exception as error:  # ORT raises its own exception types for corrupt files
         raise ModelLoadError(f"{path}: not a readable ONNX model ({error_summary(error)})") from None
     return metadata_from_map(session.get_modelmeta().custom_metadata_map, str(path))
+
+
+def check_onnx_file(path: Path) -> None:
+    """Raise ModelLoadError unless `path` is a file ONNX Runtime may open: it exists and its external data (if
+    any) stays inside its folder (`onnx_file.external_data_problem`)."""
+    if not path.is_file():
+        raise ModelLoadError(f"model file not found: {path}")
+    problem = external_data_problem(path)
+    if problem:
+        raise ModelLoadError(f"{path}: {problem}")
 
 
 def error_summary(error: BaseException) -> str:

@@ -1,40 +1,44 @@
-"""ROS 2 depth node: camera frames in; `depth` (32FC1 metres), `depth/camera_info`, `points`, `depth/confidence`,
-`depth/mono` (with LiDAR) and `diagnostics` out. Topic and parameter tables: README.md.
+"""ROS 2 depth node: camera frames in; the outputs of topics.OUTPUTS (`depth` 32FC1 metres, `depth/camera_info`,
+`points`, ...) and `diagnostics` out. Topic and parameter tables: README.md.
 
-A thin adapter: messages -> arrays (conversions) -> DepthPipeline (engine, LiDAR alignment, geometry) -> messages.
-Inference runs on a worker thread on the newest frame only: a frame arriving while the worker is busy replaces the
-waiting one, which is counted as dropped, so latency stays bounded when the model is slower than the camera.
+A thin rclpy adapter: messages in -> stream.FrameStream (CameraInfo checks, scan pairing, restart detection, the
+DepthPipeline) -> messages out (codec). Inference runs on a worker thread on the newest frame only: a frame arriving
+while the worker is busy replaces the waiting one, which is counted as dropped, so latency stays bounded when the
+model is slower than the camera.
 """
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 import threading
 import time
 import warnings
-from collections import deque
 
-import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
-from rcl_interfaces.msg import ParameterDescriptor
+from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
+from rclpy._rclpy_pybind11 import RCLError
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
+from rclpy.parameter import Parameter
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions, install_signal_handlers
 from rclpy.time import Time
+from rclpy.utilities import remove_ros_args
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 
-from depth_node import conversions, diagnostics, params
+from depth_node import diagnostics, params
+from depth_node.codec import ROS_TYPES, make_header, output_message, transform_to_matrix
 from depth_node.engine import ModelLoadError
-from depth_node.flow import Counters, FrameSlot, Throttle
-from depth_node.geometry import make_pointcloud2, pointcloud2_to_xyz, transform_to_matrix
+from depth_node.frame_slot import FrameSlot
+from depth_node.image_codec import shown
+from depth_node.log_throttle import Throttle
 from depth_node.memory import reuse_large_buffers
-from depth_node.pipeline import FrameResult, StampBuffer, build_pipeline
-
-STAGE_WINDOW = 100  # diagnostics report the median of each stage over the last frames
-RESTART_S = 1.0  # image stamps going back by more than this: a new stream (bag loop, camera restart)
+from depth_node.pipeline import FrameResult, PipelineOptions, build_pipeline
+from depth_node.stream import Event, FrameStream
+from depth_node.topics import DIAGNOSTICS, OUTPUTS
 
 
 def make_qos(reliability: str, depth: int) -> QoSProfile:
@@ -50,20 +54,27 @@ class DepthNode(Node):
         self._slot = FrameSlot()  # before Node.__init__: rclpy may destroy a node whose start-up failed
         self._worker: threading.Thread | None = None
         super().__init__("depth_node", **node_kwargs)
+        try:
+            self._start()
+        except BaseException:
+            # Tear the half-built node down here, before raising: left to the garbage collector, it went while Fast
+            # DDS discovery threads still ran (a hang in ~500 failing starts, once a SIGSEGV).
+            self.destroy_node()
+            raise
+
+    def _start(self) -> None:
+        """Parameters, model, frame stream, topics and worker: what __init__ builds once the rcl node exists."""
         self.params = self._declare_parameters()
         p = self.params
         if not p["model"]:
             raise ModelLoadError("parameter 'model' is empty: pass -p model:=/path/to/model.onnx")
         self.pipeline = build_pipeline(p)
         engine = self.pipeline.engine
-        self.counters = Counters()
-        self.stages: deque[dict[str, float]] = deque(maxlen=STAGE_WINDOW)
-        self.camera_info: CameraInfo | None = None
-        self.clouds = StampBuffer()
-        self.last_result: FrameResult | None = None
         self._throttle = Throttle()
-        self._last_frame: tuple[int, tuple[int, int]] | None = None  # (stamp ns, (H, W)) of the last decoded image
         self._tf_buffer = _tf_buffer(self) if p["use_lidar"] and p["use_tf"] else None
+        lookup = self._lookup_transform if self._tf_buffer is not None else None
+        self.stream = FrameStream(self.pipeline, p, self._log, transform_for=lookup)
+        self.counters = self.stream.counters
         self._create_topics(engine.metadata.output_kind)
         self._worker = threading.Thread(target=self._work, name="depth_inference", daemon=True)
         self._worker.start()
@@ -71,6 +82,8 @@ class DepthNode(Node):
         for reason in engine.fallbacks:  # why a better backend did not start (e.g. TensorRT on a CPU-only box)
             self.get_logger().info(f"backend skipped: {reason}")
         self.get_logger().info(f"loaded {p['model']} ({engine.backend_name}); waiting for '{topic}'")
+        self.add_on_set_parameters_callback(self._check_parameters)
+        self.add_post_set_parameters_callback(self._apply_parameters)
 
     def _declare_parameters(self) -> dict:
         """Declare every parameter once (typed loosely: `-p min_depth:=1` is fine) and check the values."""
@@ -78,10 +91,34 @@ class DepthNode(Node):
         unknown = [name for name in overrides if name not in params.PARAMETERS and not self.has_parameter(name)]
         params.check_names(sorted(unknown), "depth_node")  # a typo is an error, not a silently ignored value
         for name, spec in params.PARAMETERS.items():
-            self.declare_parameter(
-                name, spec.default, ParameterDescriptor(description=spec.description, dynamic_typing=True)
+            # read-only unless the running node applies a new value: `ros2 param set` is refused, never ignored
+            descriptor = ParameterDescriptor(
+                description=spec.description, dynamic_typing=True, read_only=not spec.runtime
             )
+            self.declare_parameter(name, spec.default, descriptor)
         return params.resolve({name: self.get_parameter(name).value for name in params.PARAMETERS})
+
+    def _check_parameters(self, changed: list[Parameter]) -> SetParametersResult:
+        """Refuse a set of run-time parameters that would not resolve, with the reason (checked as at start-up)."""
+        ours = {p.name: p.value for p in changed if p.name in params.PARAMETERS}
+        try:
+            params.resolve(self.params | ours)
+        except ValueError as error:
+            return SetParametersResult(successful=False, reason=str(error))
+        return SetParametersResult(successful=True)
+
+    def _apply_parameters(self, changed: list[Parameter]) -> None:
+        """Apply accepted run-time parameters from the next frame on."""
+        ours = {p.name: p.value for p in changed if p.name in params.PARAMETERS}
+        if not ours:
+            return
+        self.params = params.resolve(self.params | ours)
+        self.pipeline.configure(PipelineOptions.from_params(self.params))
+        self.stream.configure(self.params)
+        if "diagnostics_period" in ours:
+            self.destroy_timer(self._diagnostics_timer)
+            self._diagnostics_timer = self.create_timer(self.params["diagnostics_period"], self._publish_diagnostics)
+        self.get_logger().info("parameters set: " + ", ".join(f"{name}={self.params[name]}" for name in ours))
 
     def _create_topics(self, output_kind: str) -> None:
         p = self.params
@@ -91,39 +128,21 @@ class DepthNode(Node):
             self.create_subscription(CompressedImage, "image/compressed", self._on_image, sub_qos)
         else:
             self.create_subscription(Image, "image", self._on_image, sub_qos)
-        self.create_subscription(CameraInfo, "camera_info", self._on_camera_info, sub_qos)
+        self.create_subscription(CameraInfo, "camera_info", self.stream.on_camera_info, sub_qos)
         if p["use_lidar"]:
-            self.create_subscription(PointCloud2, "lidar", self._on_lidar, sub_qos)
+            self.create_subscription(PointCloud2, "lidar", self.stream.on_scan, sub_qos)
         elif output_kind != "metric":
             self.get_logger().warning(
                 f"model output is {output_kind}, not metric, and use_lidar is off: "
                 "publishing it on 'depth/relative', not 'depth'"
             )
-        names = ("depth", "depth/relative", "depth/mono", "depth/confidence")
-        self.pub_images = {name: self.create_publisher(Image, name, pub_qos) for name in names}
-        self.pub_info = self.create_publisher(CameraInfo, "depth/camera_info", pub_qos)
-        self.pub_points = self.create_publisher(PointCloud2, "points", pub_qos)
-        self.pub_diagnostics = self.create_publisher(DiagnosticArray, "diagnostics", 10)
-        self.create_timer(p["diagnostics_period"], self._publish_diagnostics)
+        self.output_publishers = {
+            topic: self.create_publisher(ROS_TYPES[kind], topic, pub_qos) for topic, kind in OUTPUTS.items()
+        }
+        self.pub_diagnostics = self.create_publisher(DiagnosticArray, DIAGNOSTICS, 10)
+        self._diagnostics_timer = self.create_timer(p["diagnostics_period"], self._publish_diagnostics)
 
     # --- callbacks: cheap, never block on inference -------------------------------------------------------------
-    def _on_camera_info(self, msg: CameraInfo) -> None:
-        self.camera_info = msg  # checked per frame, so a bad one skips frames instead of leaving a stale one in use
-
-    def _on_lidar(self, msg: PointCloud2) -> None:
-        """Parse a scan once, on arrival. A malformed or empty one is counted, warned about and kept as "no points",
-        so the images of its time fall back on the scale prior instead of pairing with an older scan."""
-        try:
-            points, kind, problem = pointcloud2_to_xyz(msg), "empty scan", ""
-        except ValueError as error:
-            points, kind, problem = np.empty((0, 3), np.float32), "malformed scan", str(error)
-        if not problem and not len(points):
-            problem = f"no finite points ({msg.width}x{msg.height} cloud)"
-        if problem:
-            self.counters.bad_input += 1
-            self._log(kind, f"LiDAR scan skipped: {problem}")
-        self.clouds.add(_stamp_ns(msg.header), (points, msg.header))
-
     def _on_image(self, msg: Image | CompressedImage) -> None:
         self.counters.frames_in += 1
         if self._slot.put((msg, time.perf_counter())):
@@ -149,96 +168,39 @@ class DepthNode(Node):
             The frame's result once published, or None when it was skipped (bad input, no camera_info, lazy).
         """
         try:
-            return self._process(msg, time.perf_counter() if received is None else received)
+            return self._process(msg, received)
         except Exception as error:  # noqa: BLE001 - a bad frame must never kill the worker
             if self._slot.closed or not rclpy.ok(context=self.context):
                 return None  # shutting down: the publishers are gone, nothing went wrong with the frame
             self.counters.failed += 1
-            self._log("processing", f"frame skipped: {type(error).__name__}: {error}")
+            self._log(Event("processing", f"frame skipped: {type(error).__name__}: {error}"))
             return None
 
-    def _listened(self, *publishers) -> bool:
-        return not self.params["lazy"] or any(pub.get_subscription_count() > 0 for pub in publishers)
+    def _listened(self, *topics: str) -> bool:
+        return not self.params["lazy"] or any(self.output_publishers[t].get_subscription_count() > 0 for t in topics)
 
-    def _process(self, msg: Image | CompressedImage, received: float) -> FrameResult | None:
-        if not self._listened(self.pub_info, self.pub_points, *self.pub_images.values()):
+    def _process(self, msg: Image | CompressedImage, received: float | None) -> FrameResult | None:
+        if not self._listened(*OUTPUTS):
             self.counters.idle += 1
             return None
-        start = time.perf_counter()
-        frame = self._decode(msg)
+        frame = self.stream.process(msg, received, self._listened("points"), self._listened("depth/confidence"))
         if frame is None:
             return None
-        rgb, info = frame
-        projection = conversions.camera_info_to_P(info)
-        decoded = time.perf_counter()
-        points, transform = self._paired_cloud(msg.header) if self.params["use_lidar"] else (None, None)
-        want_points = self._listened(self.pub_points)
-        want_confidence = self._listened(self.pub_images["depth/confidence"])
-        result = self.pipeline.process(rgb, projection, points, transform, want_points, want_confidence)
-        stages = dict(result.timings_ms, **self._publish(msg.header, info, result), decode=(decoded - start) * 1e3)
-        done = time.perf_counter()
-        stages["wait"] = (start - received) * 1e3  # in the keep-latest slot while the previous frame ran
-        stages["overhead"] = (done - start) * 1e3 - stages["inference"]  # everything but the network
-        stages["total"] = (done - received) * 1e3
-        self.stages.append(stages)
-        self.last_result = result
-        self.counters.frames_out += 1
-        self._report_alignment(result)
-        return result
+        start = time.perf_counter()
+        header = make_header(ROS_TYPES, frame.stamp, frame.frame_id)
+        messages = [
+            (self.output_publishers[topic], output_message(topic, header, payload, ROS_TYPES))
+            for topic, payload in frame.outputs().items()
+            if self._listened(topic)
+        ]
+        built = time.perf_counter()
+        for publisher, message in messages:
+            publisher.publish(message)
+        published = time.perf_counter()
+        self.stream.finish(frame, messages=(built - start) * 1e3, publish=(published - built) * 1e3)
+        return frame.result
 
-    def _decode(self, msg: Image | CompressedImage) -> tuple[np.ndarray, CameraInfo] | None:
-        """(RGB image, CameraInfo scaled to it), or None with a warning when the frame must be skipped."""
-        info = self.camera_info
-        if info is None:
-            self.counters.no_camera_info += 1
-            self._log("camera_info", "no camera_info received yet: frame skipped")
-            return None
-        try:
-            conversions.validate_camera_info(info)
-        except ValueError as error:
-            return self._skip(error, kind="camera_info")
-        try:
-            rgb = conversions.image_msg_to_rgb(msg)
-        except ValueError as error:
-            return self._skip(error, kind="image")
-        self._follow_stream(msg.header, rgb.shape[:2])
-        if (info.width, info.height) != (rgb.shape[1], rgb.shape[0]):
-            info = conversions.scale_camera_info(info, rgb.shape[1], rgb.shape[0])
-        return rgb, info
-
-    def _skip(self, error: ValueError, kind: str) -> None:
-        """Count and warn about a frame skipped for bad input of this kind ("image" or "camera_info")."""
-        self.counters.bad_input += 1
-        self._log(kind, f"frame skipped: {error}")
-
-    def _follow_stream(self, header, size: tuple[int, int]) -> None:
-        """Note a change of image size; reset the LiDAR scale prior when stamps jump back (a bag loop, a restart)."""
-        stamp = _stamp_ns(header)
-        last_stamp, last_size = self._last_frame or (stamp, size)
-        self._last_frame = (stamp, size)
-        if size != last_size:
-            self._log("size", f"image size changed from {last_size[1]}x{last_size[0]} to {size[1]}x{size[0]}", "info")
-        back = (last_stamp - stamp) * 1e-9
-        if back > RESTART_S and self.params["use_lidar"]:
-            self._log("restart", f"image stamps went back {back:.1f} s (a new stream): LiDAR scale prior reset", "info")
-            self.pipeline.prior.reset()
-
-    def _paired_cloud(self, header) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """LiDAR points (N, 3) nearest in stamp to the image within lidar_max_dt, and their transform (None: param)."""
-        cloud, dt = self.clouds.nearest(_stamp_ns(header), self.params["lidar_max_dt"])
-        if cloud is None:
-            limit = self.params["lidar_max_dt"]
-            self._log(
-                "lidar pairing",
-                f"no LiDAR scan within lidar_max_dt={limit} s of the image (nearest {dt:.3f} s): frame not aligned",
-            )
-            return None, None
-        points, cloud_header = cloud
-        if self._tf_buffer is None:
-            return points, None
-        return points, self._lookup_transform(header.frame_id, cloud_header)
-
-    def _lookup_transform(self, camera_frame: str, cloud_header) -> np.ndarray | None:
+    def _lookup_transform(self, camera_frame: str, cloud_header):
         """TF camera <- LiDAR at the scan's stamp (UNTESTED here: tf2_ros is not on PyPI)."""
         import tf2_ros
 
@@ -246,53 +208,26 @@ class DepthNode(Node):
             stamp = Time.from_msg(cloud_header.stamp)
             stamped = self._tf_buffer.lookup_transform(camera_frame, cloud_header.frame_id, stamp)
         except tf2_ros.TransformException as error:
-            self._log("tf", f"no TF {cloud_header.frame_id} -> {camera_frame}: {error}; using lidar_to_camera")
+            frames = f"{shown(cloud_header.frame_id)} -> {shown(camera_frame)}"
+            self._log(Event("tf", f"no TF {frames}: {shown(error, 200)}; using lidar_to_camera"))
             return None
         return transform_to_matrix(stamped.transform)
 
-    def _publish(self, header, info: CameraInfo, result: FrameResult) -> dict[str, float]:
-        """Build then publish every output someone listens to; returns the ms of both steps (messages, publish)."""
-        start = time.perf_counter()
-        depth_topic = "depth" if result.metric else "depth/relative"
-        images = {depth_topic: result.depth, "depth/mono": result.mono, "depth/confidence": result.confidence}
-        messages = [
-            (self.pub_images[topic], conversions.depth_to_image_msg(image, header))
-            for topic, image in images.items()
-            if image is not None and self._listened(self.pub_images[topic])
-        ]
-        info_out = conversions.copy_camera_info(info)
-        info_out.header = header
-        messages.append((self.pub_info, info_out))
-        if result.cloud is not None:
-            messages.append((self.pub_points, make_pointcloud2(header, result.cloud)))
-        built = time.perf_counter()
-        for publisher, message in messages:
-            publisher.publish(message)
-        return {"messages": (built - start) * 1e3, "publish": (time.perf_counter() - built) * 1e3}
-
-    def _report_alignment(self, result: FrameResult) -> None:
-        alignment = result.alignment
-        if alignment is None or alignment.ok:
-            return
-        where = "depth/relative" if not result.metric else "depth (the model's own metric scale)"
-        self._log(
-            "alignment", f"LiDAR alignment failed ({alignment.reason}): publishing the unaligned output on {where}"
-        )
-
-    def _log(self, kind: str, message: str, level: str = "warning") -> None:
+    def _log(self, event: Event) -> None:
         """Log, throttled per kind (image, camera_info, lidar, ...): a flood of bad input logs a few lines."""
-        message = self._throttle(kind, message)
+        message = self._throttle(event.kind, event.line)
         if message is None:
             return
-        if level == "info":  # one call site per severity: rclpy refuses a site whose severity changes
+        if event.level == "info":  # one call site per severity: rclpy refuses a site whose severity changes
             self.get_logger().info(message)
         else:
             self.get_logger().warning(message)
 
     def _publish_diagnostics(self) -> None:
-        array = DiagnosticArray(status=[diagnostics.pipeline_status(vars(self.counters), list(self.stages))])
-        if self.last_result is not None and self.last_result.alignment is not None:
-            array.status.append(diagnostics.alignment_status(self.last_result.alignment))
+        stream = self.stream
+        array = DiagnosticArray(status=[diagnostics.pipeline_status(vars(stream.counters), list(stream.stages))])
+        if stream.last_result is not None and stream.last_result.alignment is not None:
+            array.status.append(diagnostics.alignment_status(stream.last_result.alignment))
         array.header.stamp = self.get_clock().now().to_msg()
         self.pub_diagnostics.publish(array)
 
@@ -301,10 +236,6 @@ class DepthNode(Node):
         if self._worker is not None:
             self._worker.join(timeout=5.0)
         super().destroy_node()
-
-
-def _stamp_ns(header) -> int:
-    return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
 
 
 def _tf_buffer(node: Node):
@@ -318,11 +249,20 @@ def _tf_buffer(node: Node):
     return buffer
 
 
+def rcl_error_summary(error: Exception) -> str:
+    """rcl's message without its "failed to initialize rcl" prefix and C source locations, e.g. "Couldn't parse
+    params file: '--params-file p.yaml'. Error: Error opening YAML file"."""
+    text = re.sub(r"^(failed to initialize rcl|Failed to parse ROS arguments): ", "", str(error))
+    text = re.sub(r", at [^,]+\.c:\d+", "", text)
+    return text.replace(". Error: error not set", "").strip()
+
+
 def main(args: list[str] | None = None) -> int:
     """`depth_node --ros-args ...` (args default to sys.argv, so --ros-args reaches rclpy).
 
-    Returns the exit code: 1 when the model or a parameter is unusable (one line on stderr), 0 after SIGINT or
-    SIGTERM, also when one arrives during start-up.
+    Returns the exit code: 1 when the arguments (a malformed `--ros-args` rule, a missing or broken params file), the
+    model or a parameter are unusable (one line on stderr), 0 after SIGINT or SIGTERM, also when one arrives during
+    start-up.
 
     Start-up runs under handlers of ours that only note the signal, so the context stays valid until the node is
     built: with rclpy's handlers a signal shut the context down from another thread while the node was still logging
@@ -333,7 +273,13 @@ def main(args: list[str] | None = None) -> int:
     # a fault, so it must not look like one on stderr.
     warnings.filterwarnings("ignore", message="Failed to fini rosout publisher", category=RuntimeWarning)
     reuse_large_buffers()  # before rclpy.init: the DDS receive buffers are the first megabyte allocations
-    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    try:
+        # rcl parses --ros-args (and reads the params files) here first, without logging a line of its own
+        remove_ros_args(sys.argv if args is None else args)
+        rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    except RCLError as error:
+        print(f"depth_node: error: invalid --ros-args: {rcl_error_summary(error)}", file=sys.stderr)
+        return 1
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())

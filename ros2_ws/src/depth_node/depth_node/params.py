@@ -15,15 +15,21 @@ from typing import Any, NamedTuple
 import numpy as np
 import yaml
 
+from depth_node.image_codec import MAX_IMAGE_PIXELS
+
 IDENTITY_4X4 = [float(row == col) for row in range(4) for col in range(4)]
+# Seconds: faster than 10 Hz a diagnostics timer costs CPU for nothing (1e-6 s burnt 46 % of a core idle).
+DIAGNOSTICS_PERIOD_S = (0.1, 3600.0)
 
 
 class ParamSpec(NamedTuple):
-    """default (its type is the parameter's type), one-line description, allowed values for strings."""
+    """default (its type is the parameter's type), one-line description, allowed values for strings, and whether
+    the running node applies a new value (`ros2 param set`); the others are read-only once the node is up."""
 
     default: Any
     description: str
     choices: tuple[str, ...] = ()
+    runtime: bool = False
 
 
 PARAMETERS: dict[str, ParamSpec] = {
@@ -41,25 +47,34 @@ PARAMETERS: dict[str, ParamSpec] = {
     "image_transport": ParamSpec(
         "raw", "raw (subscribe `image`) or compressed (`image/compressed`)", ("raw", "compressed")
     ),
-    "publish_points": ParamSpec(True, "publish the organised point cloud on `points`"),
-    "points_stride": ParamSpec(1, "keep every n-th row and column in `points`"),
-    "colorize_points": ParamSpec(False, "add PCL-packed `rgb` to `points`"),
-    "min_depth": ParamSpec(0.0, "metres; nearer is published as -Inf (0: the model's minimum)"),
-    "max_depth": ParamSpec(0.0, "metres; farther is published as +Inf (0: the model's maximum)"),
+    "max_image_pixels": ParamSpec(
+        MAX_IMAGE_PIXELS, "larger images (as a JPEG/PNG header declares them) are skipped", runtime=True
+    ),
+    "publish_points": ParamSpec(True, "publish the organised point cloud on `points`", runtime=True),
+    "points_stride": ParamSpec(1, "keep every n-th row and column in `points`", runtime=True),
+    "colorize_points": ParamSpec(False, "add PCL-packed `rgb` to `points`", runtime=True),
+    "min_depth": ParamSpec(0.0, "metres; nearer is published as -Inf (0: the model's minimum)", runtime=True),
+    "max_depth": ParamSpec(0.0, "metres; farther is published as +Inf (0: the model's maximum)", runtime=True),
     "use_lidar": ParamSpec(False, "subscribe `lidar` (PointCloud2) and align the depth to it (metric scale)"),
-    "lidar_to_camera": ParamSpec(IDENTITY_4X4, "4x4 row-major transform taking LiDAR points into the camera frame"),
+    "lidar_to_camera": ParamSpec(
+        IDENTITY_4X4, "4x4 row-major transform taking LiDAR points into the camera frame", runtime=True
+    ),
     "use_tf": ParamSpec(False, "take the LiDAR->camera transform from TF instead of `lidar_to_camera` (tf2_ros)"),
-    "lidar_max_dt": ParamSpec(0.05, "seconds; a cloud pairs with the image nearest in stamp within this"),
-    "lidar_min_points": ParamSpec(20, "fewer LiDAR points in the image than this: no alignment for the frame"),
-    "alignment_method": ParamSpec("huber", "robust scale/shift fit: huber (IRLS) or ransac", ("huber", "ransac")),
-    "alignment_momentum": ParamSpec(0.9, "temporal smoothing of scale/shift in [0, 1) (0: per frame)"),
+    "lidar_max_dt": ParamSpec(0.05, "seconds; a cloud pairs with the image nearest in stamp within this", runtime=True),
+    "lidar_min_points": ParamSpec(
+        20, "fewer LiDAR points in the image than this: no alignment for the frame", runtime=True
+    ),
+    "alignment_method": ParamSpec(
+        "huber", "robust scale/shift fit: huber (IRLS) or ransac", ("huber", "ransac"), runtime=True
+    ),
+    "alignment_momentum": ParamSpec(0.9, "temporal smoothing of scale/shift in [0, 1) (0: per frame)", runtime=True),
     "completion_model": ParamSpec("", "exported completion network run on LiDAR-aligned frames (empty: aligned only)"),
-    "lazy": ParamSpec(True, "no inference while nobody subscribes to an output"),
+    "lazy": ParamSpec(True, "no inference while nobody subscribes to an output", runtime=True),
     "sub_reliability": ParamSpec("best_effort", "input QoS reliability", ("best_effort", "reliable")),
     "sub_depth": ParamSpec(1, "input QoS queue depth (keep last)"),
     "pub_reliability": ParamSpec("reliable", "output QoS reliability", ("reliable", "best_effort")),
     "pub_depth": ParamSpec(2, "output QoS queue depth (keep last)"),
-    "diagnostics_period": ParamSpec(1.0, "seconds between `diagnostics` messages"),
+    "diagnostics_period": ParamSpec(1.0, "seconds between `diagnostics` messages, 0.1 to 3600", runtime=True),
 }
 
 
@@ -123,7 +138,7 @@ def _is_number(value: Any) -> bool:
 
 
 def _check_ranges(params: dict[str, Any]) -> None:
-    positive = ("points_stride", "sub_depth", "pub_depth", "lidar_min_points")
+    positive = ("points_stride", "sub_depth", "pub_depth", "lidar_min_points", "max_image_pixels")
     for name in positive:
         if params[name] < 1:
             raise ValueError(f"parameter '{name}' must be >= 1, got {params[name]}")
@@ -134,18 +149,29 @@ def _check_ranges(params: dict[str, Any]) -> None:
         raise ValueError(f"parameter 'min_depth' ({params['min_depth']}) must be < 'max_depth' ({params['max_depth']})")
     if not 0.0 <= params["alignment_momentum"] < 1.0:
         raise ValueError(f"parameter 'alignment_momentum' must be in [0, 1), got {params['alignment_momentum']}")
-    if params["diagnostics_period"] <= 0:
-        raise ValueError(f"parameter 'diagnostics_period' must be > 0, got {params['diagnostics_period']}")
+    if not DIAGNOSTICS_PERIOD_S[0] <= params["diagnostics_period"] <= DIAGNOSTICS_PERIOD_S[1]:
+        low, high = DIAGNOSTICS_PERIOD_S
+        raise ValueError(
+            f"parameter 'diagnostics_period' must be in [{low}, {high}] s, got {params['diagnostics_period']}"
+        )
     lidar_to_camera_matrix(params["lidar_to_camera"])
 
 
 def lidar_to_camera_matrix(values: list[float]) -> np.ndarray:
-    """The `lidar_to_camera` parameter (16 numbers, row-major) as a (4, 4) float64 rigid transform."""
+    """The `lidar_to_camera` parameter (16 numbers, row-major) as a (4, 4) float64 rigid transform; ValueError for a
+    singular, scaled or mirroring one (an all-zero matrix would put every LiDAR point at the camera centre)."""
     if len(values) != 16:
         raise ValueError(f"parameter 'lidar_to_camera' must have 16 values (4x4 row-major), got {len(values)}")
     matrix = np.asarray(values, dtype=np.float64).reshape(4, 4)
     if not np.allclose(matrix[3], [0.0, 0.0, 0.0, 1.0]):
         raise ValueError(f"parameter 'lidar_to_camera': the last row must be 0 0 0 1, got {matrix[3].tolist()}")
+    rotation = matrix[:3, :3]
+    if not (np.allclose(rotation.T @ rotation, np.eye(3), atol=1e-3) and abs(np.linalg.det(rotation) - 1.0) < 1e-3):
+        determinant = np.linalg.det(rotation)
+        raise ValueError(
+            "parameter 'lidar_to_camera' must be a rigid transform (its 3x3 rotation orthonormal with determinant 1), "
+            f"got a rotation part with determinant {determinant:.3g}"
+        )
     return matrix
 
 

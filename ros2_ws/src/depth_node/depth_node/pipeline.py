@@ -1,8 +1,7 @@
-"""The per-frame depth pipeline shared by the live node and the offline bag tool (no ROS, no torch).
+"""The per-frame depth pipeline on arrays, shared by the live node and the offline bag tool (no ROS, no torch).
 
 RGB image + projection matrix (+ an optional LiDAR scan) in; depth with REP 117 states, optional confidence,
-optional organised cloud, the LiDAR alignment used and per-stage timings out. The node and `depth_node_bag` only
-convert messages around it.
+optional organised cloud, the LiDAR alignment used and per-stage timings out. `stream.FrameStream` drives it.
 
 LiDAR (methods.md §7, stage 2): the scan is projected with the LiDAR->camera transform and P, the model output is
 robustly aligned to it (scale and shift; in depth space for metric and relative-depth models, in inverse space for
@@ -13,15 +12,15 @@ network plugs in through `DepthPipeline.completion`.
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from depth_node.completion import Alignment, AlignmentPrior, align_depth, apply_alignment, project_lidar
+from depth_node.alignment import Alignment, AlignmentPrior, align_depth, apply_alignment
+from depth_node.codec import PackedCloud, empty_cloud, set_cloud_colours
 from depth_node.engine import DepthEngine, open_engine
-from depth_node.geometry import PackedCloud, backproject, empty_cloud, set_cloud_colours
+from depth_node.geometry import backproject, lidar_to_depth
 from depth_node.params import lidar_to_camera_matrix
 
 # (rgb (H, W, 3) uint8, aligned depth (H, W) metres, sparse LiDAR depth (H, W) metres 0 = none) -> (H, W) metres.
@@ -40,7 +39,7 @@ class PipelineOptions:
         colorize_points: add PCL-packed rgb to the cloud.
         use_lidar: align to LiDAR scans passed to `process`.
         lidar_to_camera: (4, 4) transform taking LiDAR points into the camera frame.
-        lidar_min_points, alignment_method, alignment_momentum: see `completion.align_depth` / `AlignmentPrior`.
+        lidar_min_points, alignment_method, alignment_momentum: see `alignment.align_depth` / `AlignmentPrior`.
     """
 
     min_depth: float = 0.0
@@ -118,7 +117,7 @@ def aligned_states(raw: np.ndarray, aligned: np.ndarray, space: str, min_depth: 
 
     Args:
         raw: (H, W) the prediction the alignment was applied to (±Inf kept from a metric model's own states).
-        aligned: (H, W) `completion.apply_alignment(raw, ...)`: metres, NaN where not positive.
+        aligned: (H, W) `alignment.apply_alignment(raw, ...)`: metres, NaN where not positive.
         space: "depth" or "inverse"; in inverse space a non-positive aligned disparity is beyond any range: +Inf.
         min_depth, max_depth: metres, 0 = no limit.
     """
@@ -138,17 +137,25 @@ class DepthPipeline:
     """
 
     def __init__(self, engine: DepthEngine, options: PipelineOptions, completion: Completion | None = None):
-        if options.points_stride < 1:
-            raise ValueError(f"points_stride must be >= 1, got {options.points_stride}")
         self.engine = engine
-        self.options = options
         self.completion = completion
         meta = engine.metadata
         self.model_metric = meta.output_kind == "metric"
-        self.min_depth = options.min_depth or float(meta.min_depth)
-        self.max_depth = options.max_depth or float(meta.max_depth)
         self.space = "inverse" if meta.output_kind == "relative_disparity" else "depth"
         self.prior = AlignmentPrior(momentum=options.alignment_momentum)
+        self.configure(options)
+
+    def configure(self, options: PipelineOptions) -> None:
+        """Use these options from the next frame on (the node's run-time parameters); use_lidar must not change."""
+        if options.points_stride < 1:
+            raise ValueError(f"points_stride must be >= 1, got {options.points_stride}")
+        if not 0.0 <= options.alignment_momentum < 1.0:
+            raise ValueError(f"alignment_momentum must be in [0, 1), got {options.alignment_momentum}")
+        meta = self.engine.metadata
+        self.min_depth = options.min_depth or float(meta.min_depth)
+        self.max_depth = options.max_depth or float(meta.max_depth)
+        self.prior.momentum = options.alignment_momentum
+        self.options = options  # last: a frame in flight reads either all old or all new options
 
     def process(
         self,
@@ -194,7 +201,7 @@ class DepthPipeline:
         height, width = raw.shape
         transform = self.options.lidar_to_camera if lidar_to_camera is None else lidar_to_camera
         if lidar_points is not None and len(lidar_points):
-            sparse = project_lidar(lidar_points, transform, projection, height, width)
+            sparse = lidar_to_depth(lidar_points, transform, projection, height, width)
         else:
             sparse = np.zeros((height, width), np.float32)
         options = self.options
@@ -216,28 +223,6 @@ class DepthPipeline:
         frame.depth, frame.metric = aligned, True
 
 
-class StampBuffer:
-    """The last few stamped items (e.g. LiDAR scans), looked up by nearest stamp: pairing without waiting.
-
-    Thread-safe for one writer and one reader (deque appends and snapshots are atomic in CPython).
-    """
-
-    def __init__(self, size: int = 5):
-        self._items: deque[tuple[int, object]] = deque(maxlen=size)
-
-    def add(self, stamp_ns: int, item: object) -> None:
-        self._items.append((int(stamp_ns), item))
-
-    def nearest(self, stamp_ns: int, max_dt: float) -> tuple[object | None, float]:
-        """(item nearest to stamp_ns within max_dt seconds or None, |dt| seconds of the nearest, inf when empty)."""
-        best, best_dt = None, float("inf")
-        for stamp, item in list(self._items):
-            dt = abs(stamp - int(stamp_ns)) * 1e-9
-            if dt < best_dt:
-                best, best_dt = item, dt
-        return (best if best_dt <= max_dt else None), best_dt
-
-
 def build_pipeline(params: dict) -> DepthPipeline:
     """The pipeline the node parameters describe: the depth engine, and the completion network when one is given.
 
@@ -249,7 +234,7 @@ def build_pipeline(params: dict) -> DepthPipeline:
     )
     completion = None
     if params["completion_model"]:
-        from depth_node.completion_engine import CompletionRunner
+        from depth_node.completion import CompletionRunner
 
         backend = "onnxruntime-cpu" if params["backend"] in ("auto", "onnxruntime") else params["backend"]
         completion = CompletionRunner(params["completion_model"], backend, params["device"], params["threads"] or None)

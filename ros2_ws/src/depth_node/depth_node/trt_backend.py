@@ -156,11 +156,12 @@ class TensorRTRunner:
     """Runs a serialized TensorRT engine: numpy (B, 3, H, W) float32 in, numpy outputs by name out."""
 
     def __init__(self, engine_path: str | Path, device: int = 0):
+        path = Path(engine_path)
+        sidecar = read_sidecar(path)  # first: a missing sidecar is the file's problem on any machine
         trt = import_tensorrt()
         self._cudart = cudart = import_cudart()
-        path = Path(engine_path)
         cuda_check(cudart.cudaSetDevice(device))
-        self.metadata = check_sidecar(read_sidecar(path), path, trt.__version__, gpu_name(device))
+        self.metadata = check_sidecar(sidecar, path, trt.__version__, gpu_name(device))
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self._engine = self._runtime.deserialize_cuda_engine(path.read_bytes())

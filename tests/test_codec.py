@@ -1,25 +1,34 @@
-"""depth_node.conversions: Image / CompressedImage / CameraInfo <-> numpy for every encoding, with row padding,
-big-endian data and malformed messages (the real KITTI bag is decoded end to end in test_geometry.py)."""
+"""depth_node.image_codec and codec: Image / CompressedImage / CameraInfo <-> numpy for every encoding, with row
+padding, big-endian data and malformed messages, and the output messages for rclpy and rosbags alike (the real KITTI
+bag is decoded end to end in test_geometry.py)."""
 
 from __future__ import annotations
 
 import array
+import tracemalloc
 from types import SimpleNamespace
 
 import cv2
 import numpy as np
 import pytest
+from node_fixtures import jpeg_bomb, png_bomb
 
-from depth_node.conversions import (
+from depth_node.codec import (
+    camera_info_msg,
     camera_info_to_P,
-    compressed_to_numpy,
-    copy_camera_info,
     depth_to_image_msg,
+    make_header,
+    scale_camera_info,
+    validate_camera_info,
+)
+from depth_node.image_codec import (
+    MAX_IMAGE_PIXELS,
+    compressed_to_numpy,
+    declared_size,
+    image_msg_to_rgb,
     image_to_numpy,
     numpy_to_image_fields,
-    scale_camera_info,
     to_rgb,
-    validate_camera_info,
 )
 
 RNG = np.random.default_rng(0)
@@ -205,6 +214,83 @@ def test_undecodable_compressed_images_raise_value_error(fmt: str, data: bytes, 
         compressed_to_numpy(SimpleNamespace(format=fmt, data=data))
 
 
+def test_declared_size_reads_png_and_jpeg_headers_without_decoding() -> None:
+    image = RNG.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    for extension in (".png", ".jpg"):
+        assert declared_size(cv2.imencode(extension, image)[1]) == (53, 37), extension
+    jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
+    # an EXIF segment (with a 0xFFC0 inside it) and fill bytes before the frame header are skipped
+    exif = b"\xff\xe1" + (2 + 10).to_bytes(2, "big") + b"Exif\x00\x00\xff\xc0\x00\x11"
+    padded = jpeg[:2] + exif + b"\xff" + jpeg[2:]
+    assert declared_size(np.frombuffer(padded, np.uint8)) == (53, 37)
+    assert cv2.imdecode(np.frombuffer(padded, np.uint8), cv2.IMREAD_COLOR).shape == (37, 53, 3)
+    for data in (b"", b"\xff\xd8", b"\xff\xd8\xff\xda\x00\x02", jpeg[:20], b"GIF89a" + bytes(30), png_bomb(4, 3)[:20]):
+        assert declared_size(np.frombuffer(data, np.uint8)) is None, data
+    assert declared_size(np.frombuffer(png_bomb(30000, 2), np.uint8)) == (30000, 2)
+    assert declared_size(np.frombuffer(jpeg_bomb(8000, 8000), np.uint8)) == (8000, 8000)
+
+
+def test_the_bomb_builders_make_files_that_decode() -> None:
+    """The test bombs are real files: small versions decode to the size they declare."""
+    assert cv2.imdecode(np.frombuffer(png_bomb(64, 48), np.uint8), cv2.IMREAD_COLOR).shape == (48, 64, 3)
+    assert not cv2.imdecode(np.frombuffer(png_bomb(64, 48), np.uint8), cv2.IMREAD_COLOR).any()
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            png_bomb(12000, 12000),
+            "CompressedImage declares 12000x12000 (144.0 MP), more than max_image_pixels=40000000",
+        ),
+        (jpeg_bomb(8000, 8000), "CompressedImage declares 8000x8000 (64.0 MP), more than max_image_pixels=40000000"),
+        (png_bomb(30000, 30000, rows=1), "CompressedImage declares 30000x30000 (900.0 MP)"),
+    ],
+    ids=["png 144 MP", "jpeg 64 MP", "png 900 MP"],
+)
+def test_decompression_bombs_are_refused_before_decoding(data: bytes, message: str) -> None:
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError) as error:
+            image_msg_to_rgb(SimpleNamespace(format="png", data=data))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(error.value) == message or str(error.value).startswith(message)
+    assert peak < 1_000_000  # nothing the size of the declared image was allocated
+
+
+def test_strings_from_the_sender_are_cut_and_escaped_in_error_messages() -> None:
+    fields = numpy_to_image_fields(_random_image("rgb8"), "rgb8")
+    forged = "\n[ERROR] [depth_node]: forged line " + "x" * 1_000_000
+    with pytest.raises(ValueError) as error:
+        image_to_numpy(_message(**(fields | {"encoding": forged})))
+    message = str(error.value)
+    assert message.startswith("unsupported image encoding '\\n[ERROR] [depth_node]: forged line xxxxx'... (1000035 ")
+    assert "... (1000035 characters)" in message and "\n" not in message and len(message) < 600
+    with pytest.raises(ValueError) as error:
+        compressed_to_numpy(SimpleNamespace(format=forged, data=b"not an image"))
+    assert "format '\\n[ERROR]" in str(error.value) and len(str(error.value)) < 200
+    with pytest.raises(ValueError, match="^unsupported image encoding 'xyz16' "):  # short ones read as before
+        image_to_numpy(_message(**(fields | {"encoding": "xyz16"})))
+
+
+def test_the_pixel_limit_applies_to_raw_images_and_can_be_changed() -> None:
+    rgb = _random_image("rgb8", 40, 50)
+    fields = numpy_to_image_fields(rgb, "rgb8")
+    assert image_msg_to_rgb(_message(**fields), max_pixels=2000).shape == (40, 50, 3)  # exactly at the limit
+    with pytest.raises(ValueError, match=r"^image is 50x40 \(0.0 MP\), more than max_image_pixels=1999$"):
+        image_msg_to_rgb(_message(**fields), max_pixels=1999)
+    # a raw header declaring 8K+ is refused by its size, before its (missing) data is looked at
+    huge = _message(**(fields | {"width": 9000, "height": 9000, "step": 27000}))
+    with pytest.raises(ValueError, match=r"^image is 9000x9000 \(81.0 MP\), more than max_image_pixels=40000000$"):
+        to_rgb(huge)
+    png = cv2.imencode(".png", rgb)[1].tobytes()
+    with pytest.raises(ValueError, match="CompressedImage declares 50x40"):
+        compressed_to_numpy(SimpleNamespace(format="png", data=png), max_pixels=1999)
+    assert MAX_IMAGE_PIXELS >= 8192 * 4320  # 8K cameras pass
+
+
 def _camera_info(**changes):
     from sensor_msgs.msg import CameraInfo
 
@@ -265,12 +351,31 @@ def test_bad_camera_info_raises_value_error(changes: dict, match: str) -> None:
 
 
 @pytest.mark.ros
-def test_copy_camera_info_is_independent() -> None:
-    info = _camera_info()
-    copied = copy_camera_info(info)
-    copied.k[0] = 1.0
-    copied.header.frame_id = "other"
-    assert info.k[0] == KITTI_K[0] and info.header.frame_id == ""
+def test_camera_info_msg_is_the_same_for_rclpy_and_rosbags_and_independent_of_its_source() -> None:
+    from rosbags.typesys import Stores, get_typestore
+    from sensor_msgs.msg import CameraInfo
+
+    from depth_node.codec import ROS_TYPES
+
+    info = _camera_info(binning_x=2)
+    info.roi.do_rectify, info.roi.width = True, 600
+    store = get_typestore(Stores.ROS2_HUMBLE)
+    live = camera_info_msg(make_header(ROS_TYPES, 1_317_042_146_466_599_772, "camera"), info)
+    recorded = camera_info_msg(make_header(store.types, 1_317_042_146_466_599_772, "camera"), info, store.types)
+    assert isinstance(live, CameraInfo) and type(recorded).__name__ == "sensor_msgs__msg__CameraInfo"
+    for message in (live, recorded):
+        assert (message.header.stamp.sec, message.header.stamp.nanosec) == (1_317_042_146, 466_599_772)
+        assert (message.width, message.height, message.binning_x, message.roi.width) == (1242, 376, 2, 600)
+        assert (
+            message.header.frame_id == "camera" and message.roi.do_rectify and message.distortion_model == "plumb_bob"
+        )
+        np.testing.assert_array_equal(message.p, info.p)
+    live.k[0] = 1.0
+    assert info.k[0] == KITTI_K[0]  # a copy, not a view of the source
+    # the rosbags message serialises (every field set, right types)
+    assert (
+        store.deserialize_cdr(store.serialize_cdr(recorded, recorded.__msgtype__), recorded.__msgtype__).width == 1242
+    )
 
 
 @pytest.mark.ros

@@ -1,16 +1,15 @@
-"""sensor_msgs Image / CompressedImage / CameraInfo <-> numpy, duck-typed on the message fields.
+"""sensor_msgs Image / CompressedImage pixels <-> numpy, duck-typed on the message fields: encodings, `step`
+padding, byte order, JPEG/PNG; plus the zero-copy message buffers the codec builds outgoing messages with.
 
-Works on rclpy messages and on rosbags messages alike (only the field names are read). Building an outgoing
-message imports `sensor_msgs.msg` lazily; nothing here imports rclpy. Malformed input (unsupported encoding,
-zero size, truncated data, step too small, bad intrinsics) raises ValueError with a message naming the problem,
-so the node can warn once, skip the frame and keep running.
+Works on rclpy messages and on rosbags messages alike (only the field names are read); nothing here imports ROS.
+Malformed input (unsupported encoding, zero size, truncated data, step too small) raises ValueError with a message
+naming the problem, so the node can warn once, skip the frame and keep running. Message building: `codec.py`.
 """
 
 from __future__ import annotations
 
 import array
-import copy
-from types import SimpleNamespace
+import struct
 from typing import Any, NamedTuple
 
 import cv2
@@ -55,13 +54,27 @@ _ENCODINGS: dict[str, _Encoding] = {
 }
 # Encodings that carry measurements (metres, signed values), not light: to_rgb refuses them.
 _NOT_CAMERA = ("16SC1", "32FC1")
+# Images larger than this are refused before any pixel is decoded (a few hundred bytes of JPEG or PNG can declare
+# gigabytes of pixels): 40 MP covers 8K cameras (8192x4320 = 35.4 MP). The node's `max_image_pixels` parameter.
+MAX_IMAGE_PIXELS = 40_000_000
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# JPEG start-of-frame markers (baseline, progressive, lossless, ...): every 0xC0-0xCF but DHT, JPG and DAC.
+_JPEG_FRAMES = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def shown(text: object, limit: int = 40) -> str:
+    """A string from a message (encoding, format, field names) quoted as it may be logged: escaped when it holds
+    control characters, cut at `limit` characters saying how long it was. Senders choose these strings."""
+    text = str(text)
+    quoted = f"'{text[:limit]}'" if text[:limit].isprintable() else repr(text[:limit])
+    return quoted + (f"... ({len(text)} characters)" if len(text) > limit else "")
 
 
 def _lookup(encoding: str) -> _Encoding:
     try:
         return _ENCODINGS[encoding]
     except KeyError:
-        raise ValueError(f"unsupported image encoding '{encoding}' (supported: {', '.join(_ENCODINGS)})") from None
+        raise ValueError(f"unsupported image encoding {shown(encoding)} (supported: {', '.join(_ENCODINGS)})") from None
 
 
 def message_bytes(data: Any) -> np.ndarray:
@@ -98,11 +111,19 @@ def new_message(message_type: type, data: array.array, **fields: Any) -> Any:
     return message
 
 
-def _pixels(msg: Any, spec: _Encoding) -> np.ndarray:
+def check_pixel_count(width: int, height: int, max_pixels: int, what: str) -> None:
+    """Raise ValueError when a width x height image exceeds max_pixels (before it is decoded)."""
+    if width * height > max_pixels:
+        megapixels = width * height / 1e6
+        raise ValueError(f"{what} {width}x{height} ({megapixels:.1f} MP), more than max_image_pixels={max_pixels}")
+
+
+def _pixels(msg: Any, spec: _Encoding, max_pixels: int) -> np.ndarray:
     """Strided view of the pixels, (H, W, C) or (H, W) for one channel, in native byte order; validates the layout."""
     height, width, step = int(msg.height), int(msg.width), int(msg.step)
     if height <= 0 or width <= 0:
         raise ValueError(f"zero-size image ({width}x{height}, encoding {msg.encoding})")
+    check_pixel_count(width, height, max_pixels, "image is")
     dtype = np.dtype(spec.dtype).newbyteorder(">" if msg.is_bigendian else "<")
     pixel_bytes = spec.channels * dtype.itemsize
     if step < width * pixel_bytes:
@@ -117,7 +138,7 @@ def _pixels(msg: Any, spec: _Encoding) -> np.ndarray:
     return view if dtype.isnative else view.astype(dtype.newbyteorder("="))
 
 
-def image_to_numpy(msg: Any) -> np.ndarray:
+def image_to_numpy(msg: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode a sensor_msgs/Image, honouring `step` row padding and `is_bigendian`.
 
     Args:
@@ -130,10 +151,11 @@ def image_to_numpy(msg: Any) -> np.ndarray:
         rgb/rgba and one-channel results are views of msg.data (no copy; read-only when data is bytes).
 
     Raises:
-        ValueError: unsupported encoding, zero size, step smaller than a row, data shorter than step x height.
+        ValueError: unsupported encoding, zero size, more than max_pixels, step smaller than a row, data shorter
+            than step x height.
     """
     spec = _lookup(msg.encoding)
-    pixels = _pixels(msg, spec)
+    pixels = _pixels(msg, spec, max_pixels)
     if spec.order == "rgb":
         return pixels[..., :3]
     if spec.order == "bgr":
@@ -145,7 +167,7 @@ def image_to_numpy(msg: Any) -> np.ndarray:
     return pixels
 
 
-def to_rgb(msg: Any) -> np.ndarray:
+def to_rgb(msg: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """A camera image as (H, W, 3) uint8 RGB for the model input.
 
     Mono images are replicated to three channels; 16-bit images keep their top 8 bits (full-range scaling, stable from
@@ -153,7 +175,7 @@ def to_rgb(msg: Any) -> np.ndarray:
     """
     if msg.encoding in _NOT_CAMERA:
         raise ValueError(f"encoding {msg.encoding} holds measurements, not a camera image: cannot feed it as RGB")
-    image = image_to_numpy(msg)
+    image = image_to_numpy(msg, max_pixels)
     if image.dtype == np.uint16:
         image = (image >> 8).astype(np.uint8)
     if image.ndim == 2:
@@ -161,33 +183,72 @@ def to_rgb(msg: Any) -> np.ndarray:
     return image
 
 
-def image_msg_to_rgb(msg: Any) -> np.ndarray:
+def image_msg_to_rgb(msg: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """(H, W, 3) uint8 RGB of a sensor_msgs/Image (`to_rgb`) or CompressedImage (`compressed_to_numpy`, which has
-    a `format`); rclpy and rosbags messages alike. ValueError when it is malformed."""
-    return compressed_to_numpy(msg) if hasattr(msg, "format") else to_rgb(msg)
+    a `format`); rclpy and rosbags messages alike. ValueError when it is malformed or larger than max_pixels."""
+    return compressed_to_numpy(msg, max_pixels) if hasattr(msg, "format") else to_rgb(msg, max_pixels)
 
 
-def compressed_to_numpy(msg: Any) -> np.ndarray:
+def declared_size(data: np.ndarray) -> tuple[int, int] | None:
+    """(width, height) a PNG (IHDR) or JPEG (start-of-frame) file declares, read from its header without decoding any
+    pixel; None when the bytes are neither, or end before the size."""
+    head = bytes(data[:24])
+    if head.startswith(_PNG_SIGNATURE):
+        return struct.unpack(">II", head[16:24]) if len(head) == 24 and head[12:16] == b"IHDR" else None
+    if not head.startswith(b"\xff\xd8"):
+        return None
+    view, position = memoryview(data), 2
+    while position + 4 <= len(view):  # segments: 0xFF, marker, 2-byte length (counting itself), payload
+        if view[position] != 0xFF:
+            return None
+        marker = view[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a payload
+            position += 2
+        elif marker in _JPEG_FRAMES:
+            if position + 9 > len(view):
+                return None
+            height, width = struct.unpack(">HH", view[position + 5 : position + 9])
+            return width, height
+        elif marker in (0xD9, 0xDA):  # end of image, or entropy-coded data before any frame header
+            return None
+        else:
+            position += 2 + (view[position + 2] << 8 | view[position + 3])
+    return None
+
+
+def compressed_to_numpy(msg: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode a sensor_msgs/CompressedImage (JPEG or PNG) to (H, W, 3) uint8 RGB.
 
     `format` follows compressed_image_transport ("rgb8; jpeg compressed bgr8"): the word after "compressed" is the
     channel order inside the file; it is BGR unless it says rgb*, and BGR when the format is just "jpeg" or empty.
 
+    The size the file declares is checked against max_pixels before anything is decoded.
+
     Raises:
-        ValueError: empty or undecodable data, or a compressedDepth image.
+        ValueError: empty data, not a JPEG/PNG, more than max_pixels, undecodable, or a compressedDepth image.
     """
     fmt = str(msg.format).lower()
     if "compresseddepth" in fmt:
-        raise ValueError(f"CompressedImage format '{msg.format}' is compressedDepth, not a colour image")
+        raise ValueError(f"CompressedImage format {shown(msg.format)} is compressedDepth, not a colour image")
     buffer = message_bytes(msg.data)
     if buffer.size == 0:
         raise ValueError("CompressedImage has no data")
+    size = declared_size(buffer)
+    if size is None:
+        raise ValueError(
+            f"could not decode CompressedImage ({buffer.size} bytes, format {shown(msg.format)}) as JPEG/PNG"
+        )
+    check_pixel_count(*size, max_pixels, "CompressedImage declares")
     try:
         decoded = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
     except cv2.error:
         decoded = None
     if decoded is None:
-        raise ValueError(f"could not decode CompressedImage ({buffer.size} bytes, format '{msg.format}') as JPEG/PNG")
+        raise ValueError(
+            f"could not decode CompressedImage ({buffer.size} bytes, format {shown(msg.format)}) as JPEG/PNG"
+        )
     if fmt.partition("compressed")[2].strip().startswith("rgb"):
         return decoded
     return cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
@@ -234,73 +295,3 @@ def numpy_to_image_fields(image: np.ndarray, encoding: str, bigendian: bool = Fa
         "step": width * spec.channels * dtype.itemsize,
         "data": data,
     }
-
-
-def depth_to_image_msg(depth: np.ndarray, header: Any) -> Any:
-    """sensor_msgs/Image 32FC1 from depth: (H, W) metres (NaN invalid, +-Inf out of range, REP 117), header as given."""
-    from sensor_msgs.msg import Image
-
-    depth = np.asarray(depth)
-    if depth.ndim != 2:
-        raise ValueError(f"depth must be (H, W), got shape {depth.shape}")
-    return new_message(Image, header=header, **numpy_to_image_fields(depth, "32FC1"))
-
-
-def ros2_camera_info(msg: Any) -> Any:
-    """A CameraInfo with ROS 2 field names (d, k, r, p): ROS 1 bags spell D, K, R, P in capitals."""
-    if hasattr(msg, "k"):
-        return msg
-    names = ("header", "height", "width", "distortion_model", "binning_x", "binning_y", "roi")
-    return SimpleNamespace(**{n: getattr(msg, n) for n in names}, d=msg.D, k=msg.K, r=msg.R, p=msg.P)
-
-
-def camera_info_to_P(msg: Any) -> np.ndarray:
-    """The (3, 4) float64 projection matrix of a CameraInfo; [K | 0] when P is all zeros (uncalibrated drivers)."""
-    projection = np.asarray(msg.p, dtype=np.float64)
-    if projection.size != 12:
-        raise ValueError(f"CameraInfo.p must have 12 values, got {projection.size}")
-    projection = projection.reshape(3, 4)
-    if not projection.any():
-        intrinsics = np.asarray(msg.k, dtype=np.float64).reshape(3, 3)
-        projection = np.concatenate([intrinsics, np.zeros((3, 1))], axis=1)
-    return projection
-
-
-def validate_camera_info(msg: Any) -> None:
-    """Raise ValueError unless the CameraInfo has a positive size and finite K/P with positive focal lengths."""
-    if int(msg.width) <= 0 or int(msg.height) <= 0:
-        raise ValueError(f"CameraInfo has zero size ({msg.width}x{msg.height})")
-    projection = camera_info_to_P(msg)
-    if not (np.isfinite(projection).all() and np.isfinite(np.asarray(msg.k, dtype=np.float64)).all()):
-        raise ValueError("CameraInfo K or P contains NaN/Inf")
-    fx, fy = projection[0, 0], projection[1, 1]
-    if fx <= 0 or fy <= 0:
-        raise ValueError(f"CameraInfo focal lengths must be positive, got fx={fx}, fy={fy}")
-
-
-def copy_camera_info(msg: Any) -> Any:
-    """An independent copy of a CameraInfo (same message type), safe to edit without touching the original."""
-    return copy.deepcopy(msg)
-
-
-def scale_camera_info(msg: Any, new_width: int, new_height: int) -> Any:
-    """A copy of a CameraInfo describing the image resized to new_width x new_height.
-
-    Convention: pixel centres at integer coordinates, resizing maps pixel edges to edges (as cv2.resize does), so
-    u' = (u + 0.5) * sx - 0.5 with sx = new_width / width (same for v). K and P are pre-multiplied by that pixel
-    map: fx' = fx * sx, cx' = (cx + 0.5) * sx - 0.5, P's Tx' = Tx * sx, and likewise fy, cy, Ty with sy (exact
-    also for a P with P[2, 3] != 0 such as KITTI's P_rect, where Tx gains 0.5 * (sx - 1) * P[2, 3]).
-    An all-zero P is filled from K. Binning and ROI are reset: the new K and P describe the published image.
-    """
-    validate_camera_info(msg)
-    if new_width <= 0 or new_height <= 0:
-        raise ValueError(f"cannot scale CameraInfo to {new_width}x{new_height}")
-    sx, sy = new_width / int(msg.width), new_height / int(msg.height)
-    pixel_map = np.array([[sx, 0.0, 0.5 * (sx - 1.0)], [0.0, sy, 0.5 * (sy - 1.0)], [0.0, 0.0, 1.0]])
-    scaled = copy_camera_info(msg)
-    scaled.width, scaled.height = int(new_width), int(new_height)
-    scaled.k = (pixel_map @ np.asarray(msg.k, dtype=np.float64).reshape(3, 3)).reshape(-1)
-    scaled.p = (pixel_map @ camera_info_to_P(msg)).reshape(-1)
-    scaled.binning_x = scaled.binning_y = 0
-    scaled.roi.x_offset = scaled.roi.y_offset = scaled.roi.width = scaled.roi.height = 0
-    return scaled
