@@ -59,7 +59,7 @@ TorchState = Annotated[str, AfterValidator(_encoded_bytes(TORCH_STATE_BYTES))]
 
 
 class _Schema(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+    model_config = ConfigDict(strict=True, extra="forbid")
 
 
 class RngState(_Schema):
@@ -71,8 +71,8 @@ class RngState(_Schema):
     cuda: list[str] | None = None  # one state per device; sizes are checked against the devices when restored
 
 
-class Progress(_Schema):
-    """Where the run stood (`distill.training.trainer.Progress`)."""
+class ProgressState(_Schema):
+    """Where the run stood: the fields of `distill.training.trainer.Progress`, no others."""
 
     step: NonNegative = 0
     best_value: float | None = None
@@ -161,7 +161,7 @@ class CheckpointState(_Schema):
     lr: Annotated[float, Field(ge=0)] = 0.0
     total_steps: NonNegative = 0
     world_size: Annotated[int, Field(gt=0)] = 1
-    progress: Progress | None = None
+    progress: ProgressState | None = None
     scaler: Annotated[ScalerState | None, BeforeValidator(_none_if_empty)] = None
     rng: Annotated[list[RngState], Field(min_length=1)] | None = None
     config: RunConfig | None = None

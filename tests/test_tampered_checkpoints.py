@@ -7,21 +7,27 @@ load_model must each answer with the same one-line error naming the file and the
 from __future__ import annotations
 
 import base64
+import dataclasses
+import hashlib
 import json
+import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from test_train import experiment
+from torch import nn
 
 from distill import checkpoint as ckpt
-from distill.checkpoint_schema import TORCH_STATE_BYTES
+from distill.checkpoint_schema import TORCH_STATE_BYTES, ProgressState
 from distill.cli import main
 from distill.errors import UserError
 from distill.models import load_model
 from distill.training.run import run_training
+from distill.training.trainer import Progress
 
 Edit = Callable[[dict], None]
 
@@ -192,3 +198,54 @@ def test_wrong_length_rng_states_are_refused_before_any_is_applied():
     with pytest.raises(UserError, match=r"^rng: numpy\[2\]: Input should be less than or equal to 624$"):
         ckpt.restore_rng({**state, "numpy": [*state["numpy"][:2], 625, 0, 0.0]})
     assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.slow
+def test_an_edited_model_spec_is_one_line_naming_the_file(run, tmp_path, capsys):
+    _, run_dir = run
+    state_file = run_dir / "last" / ckpt.STATE_FILE
+    tamper(run_dir / "last", set_key("model", "kind", value=3))
+    problem = "model: model spec kind must be one of completion, student, teacher, got 3"
+    assert export(run_dir, tmp_path, capsys) == (2, f"distill export: error: {state_file}: {problem}")
+    tamper(run_dir / "last", lambda state: state["model"].update(kind="student", bins="x"))  # reaches the builder
+    code, error = export(run_dir, tmp_path, capsys)
+    assert code == 2 and error.startswith(f"distill export: error: {state_file}: model: ") and "\n" not in error
+    with pytest.raises(UserError, match=rf"^{state_file}: model: "):
+        load_model(run_dir)
+
+
+def test_a_float16_scaler_state_is_checked(tmp_path):
+    scaler = torch.amp.GradScaler("cpu")
+    directory = ckpt.save_checkpoint(tmp_path / "last", nn.Linear(2, 2), {"step": 1, "scaler": scaler.state_dict()})
+    assert ckpt.read_state(directory)["scaler"] == scaler.state_dict()
+    tamper(directory, set_key("scaler", "_growth_tracker", value=-1))
+    with pytest.raises(UserError) as error:
+        ckpt.read_state(directory)
+    assert (
+        str(error.value)
+        == f"{directory / ckpt.STATE_FILE}: scaler._growth_tracker: Input should be greater than or equal to 0"
+    )
+
+
+def test_the_progress_schema_has_the_fields_of_the_trainers_progress():
+    assert set(ProgressState.model_fields) == {field.name for field in dataclasses.fields(Progress)}
+
+
+@pytest.mark.slow
+def test_optimizer_moments_of_another_shape_are_refused_on_resume(run, capsys):
+    exp, run_dir = run
+    path = run_dir / "last" / ckpt.OPTIMIZER_FILE
+    tensors = load_file(path)
+    key = next(name for name, tensor in tensors.items() if name.endswith("exp_avg") and tensor.dim() == 4)
+    shape = list(tensors[key].shape)
+    tensors[key] = tensors[key].flatten()
+    save_file(tensors, path)
+    data = path.read_bytes()
+    digest = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    tamper(run_dir / "last", set_key("files", ckpt.OPTIMIZER_FILE, value=digest))  # a manifest that vouches for it
+    index = int(key.split(".")[1])
+    assert resume(exp, capsys) == (
+        2,
+        f"distill train: error: {path}: exp_avg of parameter {index} has shape [{math.prod(shape)}], the parameter "
+        f"{shape}",
+    )

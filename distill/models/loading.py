@@ -143,7 +143,10 @@ def _from_checkpoint(path: Path) -> tuple[DepthModel, dict]:
     spec = state.get("model")  # a dict or None: read_state checked the schema (distill/checkpoint_schema.py)
     if not spec:
         raise UserError(f"{directory / ckpt.STATE_FILE}: no model spec, cannot rebuild the model")
-    model = build_model(spec)
+    try:
+        model = build_model(spec)
+    except (UserError, TypeError, ValueError, RuntimeError) as error:  # values of an edited spec reach the builders
+        raise UserError(f"{directory / ckpt.STATE_FILE}: model: {str(error).splitlines()[0]}") from None
     ckpt.load_model_weights(model, directory)
     return model, state.get("config") or {}
 
