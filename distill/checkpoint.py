@@ -4,8 +4,12 @@ Layout of one checkpoint folder (`run_dir/last`, `run_dir/best`):
     model.safetensors      the trained model's state dict (rebuild the model from state.json "model", its spec)
     optimizer.safetensors  the optimizer's tensors (Adam moments, steps), referenced from state.json
     method.safetensors     trainable modules of a KD method besides the model (absent for supervised training)
-    state.json             step, epoch, lr, optimizer non-tensor state, grad scaler, RNG states, resolved config, and
-                           "files": the size and SHA-256 of each file above (the manifest a load verifies)
+    state.json             step, epoch, lr, optimizer non-tensor state, grad scaler, RNG states, resolved config,
+                           "files": the size and SHA-256 of each file above (the manifest a load verifies), and
+                           "sha256": the SHA-256 of the state's own canonical JSON (which covers state.json itself)
+Every read of state.json checks that digest and the typed schema of `distill.checkpoint_schema`, so an edited or
+malformed state is a one-line UserError naming the file and the field. Checkpoints written before the digest (or
+the manifest) existed have none and are accepted.
 
 Crash safety: a checkpoint is written into `.NAME.tmp` beside its target, tensors first and flushed to disk, then
 state.json, so a state.json exists only once the files it lists are complete. The folder is swapped in with two
@@ -30,15 +34,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from distill.checkpoint_schema import CheckpointState, RngState, describe
 from distill.errors import UserError
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
+STATE_DIGEST = "sha256"  # the key of state.json that holds the SHA-256 of the rest of it, as canonical JSON
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 METHOD_FILE = "method.safetensors"
@@ -97,8 +104,20 @@ def _write_folder(
     files = sorted(folder.iterdir())
     _fsync(*files)
     full_state["files"] = {path.name: {"bytes": path.stat().st_size, "sha256": _sha256(path)} for path in files}
-    (folder / STATE_FILE).write_text(json.dumps(full_state, indent=1))
+    write_state(folder, full_state)
     _fsync(folder / STATE_FILE, folder)
+
+
+def write_state(directory: Path, state: Mapping[str, Any]) -> None:
+    """Write state.json with the SHA-256 of its canonical JSON under STATE_DIGEST (any previous digest replaced)."""
+    body = json.loads(json.dumps({k: v for k, v in state.items() if k != STATE_DIGEST}))  # as a reader will see it
+    (Path(directory) / STATE_FILE).write_text(json.dumps({**body, STATE_DIGEST: _state_digest(body)}, indent=1))
+
+
+def _state_digest(state: Mapping[str, Any]) -> str:
+    """SHA-256 of a state as canonical JSON (sorted keys, no spaces), without its STATE_DIGEST key."""
+    body = {k: v for k, v in state.items() if k != STATE_DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _variant(directory: Path, kind: str) -> Path:
@@ -150,10 +169,7 @@ def verify_checkpoint(directory: Path) -> dict:
     if not (directory / STATE_FILE).is_file():
         raise UserError(f"{directory}: incomplete checkpoint (no {STATE_FILE}: was it killed while being written?)")
     state = read_state(directory)
-    files = state.get("files", {MODEL_FILE: None})
-    malformed = not isinstance(files, dict) or any(Path(n).name != n for n in files)  # names of files in the folder
-    if malformed or not all(isinstance(entry, dict | None) for entry in files.values()):
-        raise UserError(f"{directory / STATE_FILE}: malformed manifest (files)")
+    files = state.get("files", {MODEL_FILE: None})  # plain names of files in the folder (checked by the schema)
     for name, expected in files.items():
         path = directory / name
         if not path.is_file():
@@ -161,9 +177,9 @@ def verify_checkpoint(directory: Path) -> dict:
         if expected is None:
             continue
         size = path.stat().st_size
-        if size != expected.get("bytes"):
-            raise UserError(f"{path}: {size} bytes where {STATE_FILE} lists {expected.get('bytes')} (truncated?)")
-        if _sha256(path) != expected.get("sha256"):
+        if size != expected["bytes"]:
+            raise UserError(f"{path}: {size} bytes where {STATE_FILE} lists {expected['bytes']} (truncated?)")
+        if _sha256(path) != expected["sha256"]:
             raise UserError(f"{path}: contents differ from the SHA-256 in {STATE_FILE} (corrupt)")
     return state
 
@@ -217,14 +233,26 @@ def resolve_checkpoint(path: Path | str, prefer: tuple[str, ...] = ("best", "las
 
 
 def read_state(directory: Path) -> dict:
-    """state.json of a checkpoint folder (not verified: see `verify_checkpoint`)."""
+    """state.json of a checkpoint folder, once its digest and schema check out (the files it lists are verified by
+    `verify_checkpoint`). Its values have the types of `distill.checkpoint_schema.CheckpointState`.
+
+    Raises:
+        UserError: unreadable, edited (digest differs) or malformed (naming the field) state.
+    """
     path = Path(directory) / STATE_FILE
     try:
-        state = json.loads(path.read_text())
+        text = path.read_text()
+        state = json.loads(text)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UserError(f"{path}: unreadable checkpoint state ({error})") from None
     if not isinstance(state, dict):
         raise UserError(f"{path}: unreadable checkpoint state (a JSON object expected)")
+    if STATE_DIGEST in state and state[STATE_DIGEST] != _state_digest(state):
+        raise UserError(f"{path}: contents differ from the SHA-256 it records ({STATE_DIGEST}) (corrupt)")
+    try:
+        CheckpointState.model_validate_json(text)
+    except ValidationError as error:
+        raise UserError(f"{path}: {describe(error)}") from None
     return state
 
 
@@ -251,6 +279,12 @@ def load_optimizer(optimizer: torch.optim.Optimizer, directory: Path, state: Map
         optimizer.load_state_dict(saved)
     except (KeyError, TypeError, ValueError) as error:
         raise UserError(f"{path}: does not fit this run's optimizer ({error})") from None
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    for index, param in enumerate(params):  # load_state_dict checks no shapes
+        for name, value in optimizer.state.get(param, {}).items():
+            if torch.is_tensor(value) and value.dim() and value.shape != param.shape:
+                raise UserError(f"{path}: {name} of parameter {index} has shape {list(value.shape)}, the parameter "
+                                f"{list(param.shape)}")  # fmt: skip
 
 
 def load_method_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -303,16 +337,33 @@ def capture_rng() -> dict:
     return state
 
 
-def restore_rng(state: Mapping[str, Any]) -> None:
-    """Inverse of `capture_rng` (CUDA states only when this machine has as many devices)."""
-    version, internal, gauss = state["python"]
+def restore_rng(state: Mapping[str, Any], origin: str = "rng") -> None:
+    """Inverse of `capture_rng` (CUDA states only when this machine has as many devices), each state checked first.
+
+    Raises:
+        UserError: `origin` (where the state comes from) and the problem, for a state that this torch, numpy and
+            python cannot take back (wrong type, size or contents); no generator has changed then.
+    """
+    try:  # the JSON schema, strictly, as state.json is read: the state is JSON-able by contract
+        checked = RngState.model_validate_json(json.dumps(state))
+    except ValidationError as error:
+        raise UserError(f"{origin}: {describe(error)}") from None
+    cuda = None
+    if checked.cuda and torch.cuda.is_available() and len(checked.cuda) == torch.cuda.device_count():
+        cuda = [_unb64(s) for s in checked.cuda]
+        sizes = [current.numel() for current in torch.cuda.get_rng_state_all()]
+        if [len(s) for s in cuda] != sizes:
+            raise UserError(f"{origin}: CUDA states of {[len(s) for s in cuda]} bytes, this torch's have {sizes}")
+    try:  # first: torch checks the words of its state (the schema checked its size)
+        torch.set_rng_state(_unb64(checked.torch))
+    except RuntimeError as error:
+        raise UserError(f"{origin}.torch: {error}") from None
+    version, internal, gauss = checked.python
     random.setstate((version, tuple(int(v) for v in _unb64(internal).numpy().view(np.uint32)), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
+    name, keys, pos, has_gauss, cached = checked.numpy
     np.random.set_state((name, _unb64(keys).numpy().view(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(_unb64(state["torch"]))
-    cuda = state.get("cuda")
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([_unb64(s) for s in cuda])
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def _b64(tensor: torch.Tensor) -> str:

@@ -176,7 +176,7 @@ def plant_pickle(directory: Path, name: str, marker: Path) -> None:
     state = json.loads((directory / ckpt.STATE_FILE).read_text())
     data = (directory / name).read_bytes()
     state["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    (directory / ckpt.STATE_FILE).write_text(json.dumps(state))
+    ckpt.write_state(directory, state)  # with the state's own digest recomputed
 
 
 @pytest.mark.slow

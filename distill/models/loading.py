@@ -140,13 +140,15 @@ def _from_checkpoint(path: Path) -> tuple[DepthModel, dict]:
     """The trained model of a checkpoint (folder, run folder, or a file in one) and its run's resolved config."""
     directory = ckpt.resolve_checkpoint(path)
     state = ckpt.read_state(directory)
-    spec = state.get("model")
-    if not isinstance(spec, dict) or not spec:
+    spec = state.get("model")  # a dict or None: read_state checked the schema (distill/checkpoint_schema.py)
+    if not spec:
         raise UserError(f"{directory / ckpt.STATE_FILE}: no model spec, cannot rebuild the model")
-    model = build_model(spec)
+    try:
+        model = build_model(spec)
+    except (UserError, TypeError, ValueError, RuntimeError) as error:  # values of an edited spec reach the builders
+        raise UserError(f"{directory / ckpt.STATE_FILE}: model: {str(error).splitlines()[0]}") from None
     ckpt.load_model_weights(model, directory)
-    config = state.get("config", {})
-    return model, config if isinstance(config, dict) else {}
+    return model, state.get("config") or {}
 
 
 def load_weights_into(model: DepthModel, weights: Path) -> None:

@@ -134,7 +134,10 @@ class Trainer:
 
     def resume(self, directory: Path) -> None:
         """Continue from a checkpoint folder: weights, optimizer, scaler, progress and this rank's RNG state."""
-        state = ckpt.read_state(directory)
+        state = ckpt.read_state(directory)  # its fields have the schema's types (distill/checkpoint_schema.py)
+        missing = [key for key in ("config", "progress", "rng") if state.get(key) is None]
+        if missing:
+            raise UserError(f"{directory / ckpt.STATE_FILE}: no {', '.join(missing)} (not written by distill train)")
         changed = [key for key in changed_keys(state["config"], to_dict(self.config)) if key != "run.resume"]
         if changed and self.rank == 0:
             tqdm.write(f"resume: config differs from the checkpoint's in {', '.join(changed)} (new values apply)")
@@ -146,7 +149,7 @@ class Trainer:
         self.progress = Progress(**state["progress"])
         rng = state["rng"]
         if len(rng) == self.world:
-            ckpt.restore_rng(rng[self.rank])
+            ckpt.restore_rng(rng[self.rank], origin=f"{directory / ckpt.STATE_FILE}: rng[{self.rank}]")
         elif self.rank == 0:
             tqdm.write(f"resume: saved with {len(rng)} processes, now {self.world}; RNG streams restart from the seed")
 
