@@ -39,18 +39,16 @@ NOTE = (
 
 def build(name: str, size: tuple[int, int], decoder_width: int, bins: int) -> torch.nn.Module:
     """A random-init student (CPU head) or teacher (its default head) in eval mode."""
-    if ":" in name:
-        from distill.models.teachers import build_teacher
+    from distill.models import load_model
 
-        teacher = build_teacher(name, img_size=size)
+    if ":" in name:
+        teacher = load_model(name, img_size=size).model
         divisor = teacher.size_divisor  # the export pads to it: build the position embeddings for the padded grid
         padded = tuple(-(-side // divisor) * divisor for side in size)
-        return (teacher if padded == tuple(size) else build_teacher(name, img_size=padded)).eval()
+        return teacher if padded == tuple(size) else load_model(name, img_size=padded).model
     if name not in STUDENT_ARCHS:
         raise SystemExit(f"unknown model {name!r}: a student arch ({', '.join(STUDENT_ARCHS)}) or a teacher spec")
-    from distill.models.student import build_student
-
-    return build_student(name, decoder_width=decoder_width, bins=bins).eval()
+    return load_model(name, decoder_width=decoder_width, bins=bins).model
 
 
 def bench_model(name: str, size, args, workdir: Path) -> list[dict]:

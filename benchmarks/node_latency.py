@@ -45,11 +45,11 @@ def export_student(size: tuple[int, int], out_dir: Path) -> Path:
     """A random-init EfficientNet-B0 student with the CPU head (weights do not change the speed)."""
     import torch
 
-    from distill.models.student import build_student
+    from distill.models import load_model
     from distill.verbs.export import export_onnx
 
     torch.manual_seed(0)
-    model = build_student("efficientnet_b0", decoder_width=32, bins=64).eval()
+    model = load_model("efficientnet_b0", decoder_width=32, bins=64).model
     return export_onnx(model, out_dir, size, dynamic=False, opset=17, config={"bench": "node_latency"})[0]
 
 

@@ -1,4 +1,5 @@
-"""Golden-value tests of the evaluation metrics (methods.md §8): hand-computed numbers, crops, alignment, averaging."""
+"""Golden-value tests of the evaluation metrics (KITTI Eigen-split / NYU protocol): hand-computed numbers, crops,
+alignment, averaging."""
 
 from __future__ import annotations
 

@@ -82,8 +82,6 @@ def test_package_modules_have_no_import_circle_and_stay_under_400_lines():
     assert all(len(path.read_text().splitlines()) <= 400 for path in SOURCES)
 
 
-
-
 @pytest.mark.slow
 def test_setup_py_installs_the_launch_and_config_files_through_the_links(tmp_path):
     def setup(*command: str) -> None:

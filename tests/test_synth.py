@@ -154,7 +154,7 @@ def inverse_depth_smooth(gt: np.ndarray) -> np.ndarray:
 
 
 def check_scan_against_ground_truth(root: Path) -> None:
-    """Each scan, projected with the calib files (methods.md §8), lands on the dense ground truth to 1 cm."""
+    """Each scan, projected with the calib files as KITTI's devkit does, lands on the dense ground truth to 1 cm."""
     calib = read_calib(calib_dir(root))
     P, (height, width) = camera_projection(calib, 2)
     for _, scan_path, gt_path in frames_of(root):

@@ -7,13 +7,14 @@ Layout (real KITTI and our synthetic world alike):
     gt_root/{train,val}/<date>_drive_XXXX_sync/proj_depth/groundtruth/image_02/%010d.png  (uint16, m = value / 256)
     split file lines: "<date>/<date>_drive_XXXX_sync <frame> l|r"   (Eigen format; l = image_02, r = image_03)
 
-Ground truth "velodyne" projects the scan as in methods.md §8 (R_rect_00 [R|T] then P_rect_0<cam>, nearest point per
-pixel); "annotated" reads the official depth-completion PNGs (Uhrig et al. 3DV 2017). The KB crop (Kuznietsov et al.,
-used by BTS/AdaBins) keeps the bottom-centred 352x1216 window: top = H - 352, left = (W - 1216) // 2.
+Ground truth "velodyne" projects the scan as the KITTI raw devkit does (R_rect_00 [R|T] then P_rect_0<cam>, nearest
+point per pixel); "annotated" reads the official depth-completion PNGs (Uhrig et al. 3DV 2017). The KB crop (Kuznietsov
+et al., used by BTS/AdaBins) keeps the bottom-centred 352x1216 window: top = H - 352, left = (W - 1216) // 2.
 
 With `lidar_beams` set, every sample also carries `sparse_depth`: the scan projected the same way after keeping only
 that many of its 64 laser rings (every 2nd ring for 32, every 4th for 16), a cheaper LiDAR simulated from the HDL-64E
-for depth completion (methods.md §7).
+for depth completion (the two-stage completion of Gao et al., "Robust Lightweight Depth Estimation Model via Data-Free
+Distillation").
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def project_scan(scan: np.ndarray, calib: Mapping[str, np.ndarray], cam: int = 2
 
 
 def project_velodyne(scan: np.ndarray, calib_dir: Path, cam: int = 2) -> np.ndarray:
-    """Project a Velodyne scan into rectified camera `cam` (methods.md §8).
+    """Project a Velodyne scan into rectified camera `cam` (the KITTI raw devkit projection).
 
     Args:
         scan: (N, 4) float32 as read from a .bin (x, y, z metres in the Velodyne frame, reflectance).

@@ -13,7 +13,7 @@ OUT/
 
 The ground-truth depth is z along the optical axis of rectified camera 2 at each pixel centre, from the same ray
 cast as the image; the scan is cast in the same world at the same instant, so projecting it with the calib files
-(methods.md §8) lands on the ground truth. Same arguments, same bytes.
+(the KITTI raw devkit projection) lands on the ground truth. Same arguments, same bytes.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Calibration of the synthetic rig in KITTI's format: KITTI's numbers, scaled to the image size, varied per domain.
 
 Frames as in KITTI: Velodyne (x forward, y left, z up), camera (x right, y down, z forward). A point goes to the
-rectified image of camera 2 as P_rect_02 @ R_rect_00 @ [R | T] @ X_velo (methods.md §8). Every number the renderer
-uses is first rounded to what the text files hold (7 significant digits), so projecting a scan with the written
-files lands exactly where the renderer put it.
+rectified image of camera 2 as P_rect_02 @ R_rect_00 @ [R | T] @ X_velo (the KITTI raw devkit projection). Every number
+the renderer uses is first rounded to what the text files hold (7 significant digits), so projecting a scan with the
+written files lands exactly where the renderer put it.
 """
 
 from __future__ import annotations

@@ -134,7 +134,7 @@ class CompletionNet(DepthModel):
 
         Args:
             image: (B, 3, H, W) RGB normalised with `mean`/`std` (see `normalize`).
-            aligned: (B, 1, H, W) metres, finite (`depth_node.completion_engine.sanitize_aligned`), clamped to range.
+            aligned: (B, 1, H, W) metres, finite (`depth_node.completion.sanitize_aligned`), clamped to range.
             sparse: (B, 1, H, W) metres, 0 where no point.
             mask: (B, 1, H, W) float, 1 where sparse holds a point, else 0.
 

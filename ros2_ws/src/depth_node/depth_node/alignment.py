@@ -1,5 +1,6 @@
-"""LiDAR-guided metric depth (methods.md §7, stage 2): robust scale/shift alignment of a predicted depth map to
-sparse LiDAR depth, and a temporal prior that keeps the scale from flickering.
+"""LiDAR-guided metric depth (stage 2 of the two-stage completion of Gao et al., "Robust Lightweight Depth Estimation
+Model via Data-Free Distillation"): robust scale/shift alignment of a predicted depth map to sparse LiDAR depth, and a
+temporal prior that keeps the scale from flickering.
 
 Pure numpy; no ROS, no torch. Sparse depth everywhere is (H, W) float32 metres along the optical axis with 0 (or a
 non-finite value) where no LiDAR point landed; `geometry.lidar_to_depth` builds it from a scan.

@@ -1,11 +1,12 @@
-"""Depth completion of LiDAR-aligned frames (methods.md §7, stage 3), torch-free: `CompletionRunner` runs an exported
-completion network on one frame's RGB image, LiDAR-aligned depth and sparse LiDAR depth; `ip_basic_fill` is the
-classical IP-Basic fill of the LiDAR points (Ku, Harakeh, Waslander, "In Defense of Classical Image Processing: Fast
-Depth Completion on the CPU", CRV 2018), the baseline a learned completion must beat.
+"""Depth completion of LiDAR-aligned frames (stage 3 of the two-stage completion of Gao et al., "Robust Lightweight
+Depth Estimation Model via Data-Free Distillation"), torch-free: `CompletionRunner` runs an exported completion network
+on one frame's RGB image, LiDAR-aligned depth and sparse LiDAR depth; `ip_basic_fill` is the classical IP-Basic fill of
+the LiDAR points (Ku, Harakeh, Waslander, "In Defense of Classical Image Processing: Fast Depth Completion on the CPU",
+CRV 2018), the baseline a learned completion must beat.
 
 Stages 1 and 2 (the mono model, `engine.py`, and its alignment to the LiDAR, `alignment.py`) come first; the node's
 pipeline passes the runner as its `completion` hook. The input conventions the network was trained with live here
-too (`sanitize_aligned`, `resize_sparse`), so training (`distill.kd.completion`) and the runtime share them.
+too (`sanitize_aligned`, `resize_sparse`), so training (`distill.completion.training`) and the runtime share them.
 """
 
 from __future__ import annotations
@@ -66,8 +67,9 @@ COMPLETION_INPUTS = ("image", "aligned", "sparse", "mask")  # graph inputs of an
 
 
 class CompletionRunner:
-    """An exported completion network (`distill export` of a `kd.method: completion` checkpoint) ready to run: stage 3
-    of methods.md §7. Callable as `runner(rgb, aligned, sparse)`, so it plugs into `DepthPipeline(completion=...)`.
+    """An exported completion network (`distill export` of a `run.task: completion` checkpoint) ready to run: stage 3 of
+    the two-stage completion. Callable as `runner(rgb, aligned, sparse)`, so it plugs into
+    `DepthPipeline(completion=...)`.
 
     The inputs are brought to the network input (image area-resized and normalised from the metadata, aligned depth
     sanitised and resized bilinearly, sparse points moved with `resize_sparse` so none is lost) and the output back

@@ -3,10 +3,11 @@
 RGB image + projection matrix (+ an optional LiDAR scan) in; depth with REP 117 states, optional confidence,
 optional organised cloud, the LiDAR alignment used and per-stage timings out. `stream.FrameStream` drives it.
 
-LiDAR (methods.md §7, stage 2): the scan is projected with the LiDAR->camera transform and P, the model output is
-robustly aligned to it (scale and shift; in depth space for metric and relative-depth models, in inverse space for
-relative-disparity ones) with a temporal prior, and the aligned depth is what `depth` carries. A learned completion
-network plugs in through `DepthPipeline.completion`.
+LiDAR (stage 2 of the two-stage completion of Gao et al., "Robust Lightweight Depth Estimation Model via Data-Free
+Distillation"): the scan is projected with the LiDAR->camera transform and P, the model output is robustly aligned to it
+(scale and shift; in depth space for metric and relative-depth models, in inverse space for relative-disparity ones)
+with a temporal prior, and the aligned depth is what `depth` carries. A learned completion network plugs in through
+`DepthPipeline.completion`.
 """
 
 from __future__ import annotations
