@@ -47,6 +47,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     run_export(
         args.checkpoint, out=args.out, formats=args.format, size=args.size, dynamic=args.dynamic, fp16=args.fp16,
         int8=args.int8, calib=args.calib, opset=args.opset, arch=args.arch, random_init=args.random_init,
+        force=args.force,
     )  # fmt: skip
     return 0
 
@@ -115,13 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, required=True)
     export.add_argument("--format", default="onnx", help="comma-separated: onnx,engine")
     export.add_argument("--size", type=size_argument, default=(352, 1216), help="HEIGHTxWIDTH (default 352x1216)")
-    export.add_argument("--dynamic", action="store_true", help="dynamic batch/height/width")
+    export.add_argument(
+        "--dynamic", action="store_true", help="dynamic batch/height/width (traced at --size rounded up to a multiple)"
+    )
     export.add_argument("--fp16", action="store_true")
     export.add_argument("--int8", action="store_true")
-    export.add_argument("--calib", type=Path, default=None, help="images/dataset/bag for INT8 calibration")
+    export.add_argument(
+        "--calib", type=Path, default=None, help="images/dataset/bag: the parity check's inputs, and INT8 calibration"
+    )
     export.add_argument("--opset", type=int, default=17)
     export.add_argument("--arch", default=None, help="with --random-init: student architecture")
     export.add_argument("--random-init", action="store_true", help="export an untrained student (tests, benchmarks)")
+    export.add_argument("--force", action="store_true", help="replace an earlier export of the same name in --out")
     export.set_defaults(func=cmd_export)
 
     cache = verbs.add_parser("cache", help="precompute a teacher's outputs once, reused by every student run")
