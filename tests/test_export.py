@@ -190,7 +190,9 @@ def test_bench_reports_latency(tmp_path, capsys):
     path, _ = export_onnx(tiny_student("resnet18"), tmp_path, SIZE, dynamic=False, opset=17, config={})
     row = run_bench(path, backend="onnxruntime-cpu", runs=3)
     assert row["size"] == SIZE and 0 < row["median_ms"] <= row["p90_ms"] and row["throughput_fps"] > 0
-    assert row["backend"] == "onnxruntime[CPUExecutionProvider]" and "median ms" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert row["backend"] == "onnxruntime[CPUExecutionProvider]" and "median ms" in out
+    assert "metric depth (m)" in out and "16 bins" in out and "input 64x192" in out
     dynamic, _ = export_onnx(tiny_student("resnet18"), tmp_path, SIZE, dynamic=True, opset=17, config={})
     with pytest.raises(UserError, match="dynamic input size: pass --size"):
         run_bench(dynamic, runs=1)
