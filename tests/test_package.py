@@ -103,7 +103,7 @@ def test_parameter_table_lists_every_parameter_with_its_default():
 
 
 def test_kitti_yaml_sets_every_parameter_and_resolves():
-    values = yaml.safe_load((REPO / "config" / "kitti.yaml").read_text())["depth_node"]["ros__parameters"]
+    values = yaml.safe_load((REPO / "config" / "kitti.yaml").read_text())["/**/depth_node"]["ros__parameters"]
     assert list(values) == list(params.PARAMETERS)
     resolved = params.resolve(values | {"model": "m.onnx"})
     assert resolved["max_depth"] == 80.0 and len(resolved["lidar_to_camera"]) == 16
