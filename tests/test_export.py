@@ -162,7 +162,11 @@ def test_teacher_at_another_size_than_built_is_one_line(tmp_path):
     with pytest.raises(UserError) as info:
         export_onnx(teacher, tmp_path, (96, 192), dynamic=False, opset=17, config={})
     assert "built for 64x192" in str(info.value) and "--size 64x192" in str(info.value)
-    assert "\n" not in str(info.value)
+    assert "\n" not in str(info.value) and not list(tmp_path.iterdir())
+    with pytest.raises(UserError, match="without --dynamic, with --size 64x192"):
+        export_onnx(teacher, tmp_path, (64, 192), dynamic=True, opset=17, config={})
+    path, _ = export_onnx(teacher, tmp_path, (64, 192), dynamic=False, opset=17, config={})
+    assert read_onnx_metadata(path).input_size == (64, 192)
 
 
 def test_completion_network_exports_with_its_extra_inputs(tmp_path):

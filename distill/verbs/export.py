@@ -221,11 +221,8 @@ def export_onnx(
     path = Path(out_dir) / (f"{stem}_dynamic.onnx" if dynamic else f"{stem}_{size[0]}x{size[1]}.onnx")
     if path.exists() and not overwrite:
         raise UserError(f"{path} exists (an earlier export): pass --force to replace it, or --out another folder")
-    try:
-        _trace_to_onnx(wrapper, samples[0], path, list(metadata.outputs), dynamic, opset)
-    except torch.onnx.errors.UnsupportedOperatorError as error:
-        hint = unsupported_operator_hint(model, metadata.arch, wrapper.padded(first[0]).shape[-2:], error)
-        raise UserError(hint) from None
+    check_export_size(model, metadata.arch, wrapper.padded(first[0]).shape[-2:], dynamic)
+    _trace_to_onnx(wrapper, samples[0], path, list(metadata.outputs), dynamic, opset)
 
     _finish_onnx(path, metadata)
     if dynamic:  # a second size proves the graph really follows its input size
@@ -242,19 +239,27 @@ def export_onnx(
     return path, metadata
 
 
-def unsupported_operator_hint(model: nn.Module, arch: str, traced: Sequence[int], error: Exception) -> str:
-    """One line for an operator ONNX cannot express; for a model built for another size (a ViT teacher resizing its
-    position embeddings with antialiased bicubic interpolation), the size to export at instead."""
-    operator = re.search(r"'([^']+)'", str(error))
-    operator_text = operator.group(1) if operator else "an operator"
+def built_size(model: nn.Module) -> tuple[int, int] | None:
+    """(H, W) a teacher that resizes absolute position embeddings (ViT, hybrid) was built for; None for any other
+    model, which takes every size its divisor allows."""
     spec = getattr(model, "spec", None)
     built = spec.get("img_size") if isinstance(spec, dict) else None
-    if built and tuple(int(side) for side in built) != tuple(int(side) for side in traced):
-        return (
-            f"{arch} was built for {built[0]}x{built[1]} and resizes its position embeddings at any other size "
-            f"({operator_text}, which ONNX cannot express): export it with --size {built[0]}x{built[1]}"
-        )
-    return f"{arch}: ONNX cannot express {operator_text} at this opset (try another --opset)"
+    if not built or not any(name.endswith("pos_embed") for name, _ in model.named_parameters()):
+        return None
+    return int(built[0]), int(built[1])
+
+
+def check_export_size(model: nn.Module, arch: str, traced: Sequence[int], dynamic: bool) -> None:
+    """A ViT teacher resizes its position embeddings (antialiased bicubic) at any size but the one it was built for,
+    which ONNX cannot express: one UserError naming the size to export at, before the exporter fails."""
+    built = built_size(model)
+    if built is None or (built == tuple(int(side) for side in traced) and not dynamic):
+        return
+    how = "without --dynamic, " if dynamic else ""
+    raise UserError(
+        f"{arch} was built for {built[0]}x{built[1]} and resizes its position embeddings at any other size, which "
+        f"ONNX cannot express: export it {how}with --size {built[0]}x{built[1]}"
+    )
 
 
 def describe(model: nn.Module, size: tuple[int, int], dynamic: bool, config: dict, bins: int) -> ModelMetadata:
