@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from depth_node.engine import DepthEngine, ModelLoadError, open_engine
+from depth_node.metadata import ModelMetadata
 from distill.errors import UserError
 
 WARMUP_RUNS = 3
@@ -97,7 +98,7 @@ def run_bench(
     return asdict(result)
 
 
-def describe_model(metadata) -> str:
+def describe_model(metadata: ModelMetadata) -> str:
     """One line on what the model is: its kind (metric or relative, which decides the node's output topic), range,
     bins and input size, from the metadata embedded at export."""
     kind = "metric depth (m)" if metadata.output_kind == "metric" else f"{metadata.output_kind} (unitless)"
