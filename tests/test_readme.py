@@ -88,6 +88,9 @@ def config_keys() -> set[str]:
 
 def test_readme_has_the_ten_commands_and_distill_commands():
     assert len(ten_commands()) == 10
+    documented = section("## The toolchain in ten commands").replace("\n", " ")
+    for text in [replacement for _, _, replacement in QUICK[:-1]] + QUICK_TRAIN:  # what the slow test runs
+        assert f"`{text}" in documented or f" {text}`" in documented, text
     assert sum(argv[0] == "distill" for _, argv in README_COMMANDS) >= 10
 
 
