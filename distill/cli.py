@@ -12,6 +12,11 @@ from pathlib import Path
 from distill.errors import UserError
 from distill.parsing import size_argument
 
+DESCRIPTION = (
+    "depthkd's offline toolchain: make data, train teachers and distil CNN students, evaluate them, export them to "
+    "ONNX/TensorRT for depth_node and measure their speed. `distill VERB --help` describes each verb."
+)
+
 
 def cmd_synth(args: argparse.Namespace) -> int:
     from distill.data.synth import write_world
@@ -37,7 +42,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from distill.models.info import print_info
 
-    print_info(args.model, size=args.size)
+    print_info(args.model, size=args.size, decoder_width=args.decoder_width, bins=args.bins)
     return 0
 
 
@@ -47,6 +52,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     run_export(
         args.checkpoint, out=args.out, formats=args.format, size=args.size, dynamic=args.dynamic, fp16=args.fp16,
         int8=args.int8, calib=args.calib, opset=args.opset, arch=args.arch, random_init=args.random_init,
+        force=args.force,
     )  # fmt: skip
     return 0
 
@@ -76,7 +82,7 @@ def cmd_viz(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distill", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="distill", description=DESCRIPTION)
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     synth = verbs.add_parser("synth", help="render the synthetic KITTI-like world (KITTI raw layout + rosbag2)")
@@ -107,7 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = verbs.add_parser("info", help="parameters and FLOPs of a student, teacher or checkpoint")
     info.add_argument("model", help="student arch (e.g. efficientnet_b0), teacher spec (timm:...) or checkpoint")
-    info.add_argument("--size", type=size_argument, default=(352, 1216), help="HEIGHTxWIDTH (default 352x1216)")
+    info.add_argument(
+        "--size", type=size_argument, default=(352, 1216), help="HEIGHTxWIDTH (default 352x1216; padded like export)"
+    )
+    info.add_argument("--decoder-width", type=int, default=None, help="head channels (default: model.decoder_width)")
+    info.add_argument("--bins", type=int, default=None, help="depth bins of the head (default: model.bins)")
     info.set_defaults(func=cmd_info)
 
     export = verbs.add_parser("export", help="export a checkpoint to ONNX (and a TensorRT engine)")
@@ -115,13 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, required=True)
     export.add_argument("--format", default="onnx", help="comma-separated: onnx,engine")
     export.add_argument("--size", type=size_argument, default=(352, 1216), help="HEIGHTxWIDTH (default 352x1216)")
-    export.add_argument("--dynamic", action="store_true", help="dynamic batch/height/width")
+    export.add_argument(
+        "--dynamic", action="store_true", help="dynamic batch/height/width (traced at --size rounded up to a multiple)"
+    )
     export.add_argument("--fp16", action="store_true")
     export.add_argument("--int8", action="store_true")
-    export.add_argument("--calib", type=Path, default=None, help="images/dataset/bag for INT8 calibration")
+    export.add_argument(
+        "--calib", type=Path, default=None, help="images/dataset/bag: the parity check's inputs, and INT8 calibration"
+    )
     export.add_argument("--opset", type=int, default=17)
     export.add_argument("--arch", default=None, help="with --random-init: student architecture")
     export.add_argument("--random-init", action="store_true", help="export an untrained student (tests, benchmarks)")
+    export.add_argument("--force", action="store_true", help="replace an earlier export of the same name in --out")
     export.set_defaults(func=cmd_export)
 
     cache = verbs.add_parser("cache", help="precompute a teacher's outputs once, reused by every student run")

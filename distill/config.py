@@ -69,7 +69,7 @@ class TrainConfig(Section):
     weight_decay: float
     betas: tuple[float, float]
     grad_clip: float | None
-    amp: Literal["none", "bf16", "fp16"]
+    amp: Literal["auto", "none", "bf16", "fp16"]
     silog_alpha: float
     silog_lambda: float
     chamfer_weight: float
@@ -142,9 +142,9 @@ def load_config(path: Path | str | None, overrides: Sequence[str] = (), check_pa
     """
     raw = read_yaml(DEFAULT_CONFIG)
     if path is not None:
-        raw = deep_merge(raw, read_yaml(Path(path)))
+        raw = merge_layer(raw, read_yaml(Path(path)))
     for text in overrides:
-        raw = deep_merge(raw, parse_override(text, raw))
+        raw = merge_layer(raw, parse_override(text, raw))
     config = validate(raw)
     fill_depth_ranges(config)
     if check_paths:
@@ -175,6 +175,19 @@ def deep_merge(base: Mapping, override: Mapping) -> dict:
             merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def merge_layer(base: Mapping, layer: Mapping) -> dict:
+    """`base` updated by one more layer (an experiment file or one override). The run length is one choice: a layer
+    that sets train.steps (or train.epochs) but not the other clears the other, so `train.steps=100` alone replaces
+    the epochs of the defaults or of the experiment file. A layer that sets both keeps them for validation."""
+    merged = deep_merge(base, layer)
+    train = layer.get("train")
+    if isinstance(train, Mapping) and isinstance(merged.get("train"), Mapping):
+        for key, other in (("steps", "epochs"), ("epochs", "steps")):
+            if train.get(key) is not None and other not in train:
+                merged["train"][other] = None
     return merged
 
 

@@ -137,7 +137,26 @@ def test_wrong_type_names_key_and_expected_type():
     message = error_of(None, ["train.steps=lots", "train.epochs=null"])
     assert message.startswith("config: train.steps:") and "integer" in message and "'lots'" in message
     assert "train.amp" in error_of(None, ["train.amp=fp32"]) and "'bf16'" in error_of(None, ["train.amp=fp32"])
-    assert "exactly one of train.steps and train.epochs" in error_of(None, ["train.steps=5"])
+
+
+def test_run_length_set_alone_replaces_the_other(tmp_path):
+    config = load_config(None, ["train.steps=5"])
+    assert (config.train.steps, config.train.epochs) == (5, None)
+    config = load_config(CONFIG_DIR / "student-effb0.yaml", ["train.steps=2"], check_paths=False)
+    assert (config.train.steps, config.train.epochs) == (2, None)
+    exp = write(tmp_path, "train: {steps: 40}\n")
+    assert load_config(exp).train.epochs is None
+    assert load_config(exp, ["train.epochs=3"]).train.steps is None
+    both = write(tmp_path, "train: {steps: 40, epochs: 2}\n", "both.yaml")
+    assert "exactly one of train.steps and train.epochs" in error_of(both)
+
+
+def test_amp_and_workers_default_to_auto():
+    config = load_config(None)
+    assert (config.train.amp, config.data.num_workers) == ("auto", "auto")
+    assert load_config(None, ["data.num_workers=null"]).data.num_workers is None
+    assert load_config(None, ["data.num_workers=3"]).data.num_workers == 3
+    assert "data.num_workers" in error_of(None, ["data.num_workers=-1"])
 
 
 def test_missing_path_names_key_and_path(tmp_path):

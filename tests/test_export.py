@@ -20,7 +20,8 @@ from distill.cli import main
 from distill.errors import UserError
 from distill.models import build_student
 from distill.verbs.bench import run_bench
-from distill.verbs.export import config_hash, export_onnx, relative_error, run_export, smooth_random_image
+from distill.verbs.export import config_hash, export_onnx, run_export
+from distill.verbs.parity import relative_error, smooth_random_image
 
 SIZE = (64, 192)
 FAST_ARCHS = ["efficientnet_b0", "resnet18", "mobilenetv2_100"]
@@ -123,10 +124,6 @@ def test_random_init_export_through_the_cli(tmp_path):
             "--calib",
         ),
         (["export", "--arch", "resnet18", "--random-init", "--out", "{tmp}", "--fp16"], "add --format engine"),
-        (
-            ["export", "--arch", "resnet18", "--random-init", "--out", "{tmp}", "--dynamic", "--size", "80x200"],
-            "multiples",
-        ),
         (["export", "--arch", "resnet_18", "--random-init", "--out", "{tmp}"], "did you mean"),
         (["bench", "{tmp}/notes.onnx"], "not a readable ONNX model"),
         (["bench", "{tmp}/none.onnx"], "model file not found"),
@@ -137,6 +134,39 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys, argv, message):
     assert main([part.replace("{tmp}", str(tmp_path)) for part in argv]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_dynamic_export_takes_a_size_off_the_divisor(tmp_path, capsys):
+    argv = [*(part.replace("{tmp}", str(tmp_path)) for part in RANDOM), "--dynamic", "--size", "80x200"]
+    code = main(argv)
+    assert code == 0 and "traced at 96x224" in capsys.readouterr().out
+    assert read_onnx_metadata(tmp_path / "resnet18_dynamic.onnx").dynamic
+
+
+def test_second_export_of_the_same_name_needs_force(tmp_path, capsys):
+    argv = [*(part.replace("{tmp}", str(tmp_path)) for part in RANDOM), "--size", "64x192"]
+    assert main(argv) == 0
+    first = (tmp_path / "resnet18_64x192.onnx").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "resnet18_64x192.onnx exists" in err and "--force" in err and len(err.splitlines()) == 1
+    assert (tmp_path / "resnet18_64x192.onnx").stat().st_mtime_ns == first
+    assert main([*argv, "--force"]) == 0
+
+
+def test_teacher_at_another_size_than_built_is_one_line(tmp_path):
+    from distill.models import load_model
+
+    teacher, _ = load_model("timm:vit_tiny_patch16_224", img_size=(64, 192))
+    with pytest.raises(UserError) as info:
+        export_onnx(teacher, tmp_path, (96, 192), dynamic=False, opset=17, config={})
+    assert "built for 64x192" in str(info.value) and "--size 64x192" in str(info.value)
+    assert "\n" not in str(info.value) and not list(tmp_path.iterdir())
+    with pytest.raises(UserError, match="without --dynamic, with --size 64x192"):
+        export_onnx(teacher, tmp_path, (64, 192), dynamic=True, opset=17, config={})
+    path, _ = export_onnx(teacher, tmp_path, (64, 192), dynamic=False, opset=17, config={})
+    assert read_onnx_metadata(path).input_size == (64, 192)
 
 
 def test_completion_network_exports_with_its_extra_inputs(tmp_path):
@@ -164,7 +194,9 @@ def test_bench_reports_latency(tmp_path, capsys):
     path, _ = export_onnx(tiny_student("resnet18"), tmp_path, SIZE, dynamic=False, opset=17, config={})
     row = run_bench(path, backend="onnxruntime-cpu", runs=3)
     assert row["size"] == SIZE and 0 < row["median_ms"] <= row["p90_ms"] and row["throughput_fps"] > 0
-    assert row["backend"] == "onnxruntime[CPUExecutionProvider]" and "median ms" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert row["backend"] == "onnxruntime[CPUExecutionProvider]" and "median ms" in out
+    assert "metric depth (m)" in out and "16 bins" in out and "input 64x192" in out
     dynamic, _ = export_onnx(tiny_student("resnet18"), tmp_path, SIZE, dynamic=True, opset=17, config={})
     with pytest.raises(UserError, match="dynamic input size: pass --size"):
         run_bench(dynamic, runs=1)

@@ -113,3 +113,23 @@ def test_cli_info_checkpoint(tmp_path, capsys):
     total = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("total")).split()
     assert float(total[1]) == pytest.approx(count_parameters(student) / 1e6, abs=0.005)
     assert float(total[2]) == pytest.approx(count_flops(student, (64, 96)), abs=0.005)
+
+
+def test_cli_info_describes_the_head_and_pads_like_export(capsys):
+    argv = ["info", "efficientnet_b0", "--size", "176x608", "--decoder-width", "32", "--bins", "64"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "efficientnet_b0 (decoder width 32, 64 bins) at 176x608 (HxW), batch 1"
+    assert lines[1].startswith("counted at 192x608: edge-padded to a multiple of 32")
+    total = next(line.split() for line in lines if line.startswith("total"))
+    assert total[1] == "3.80"  # the README's table: benchmarks/results/latency.json params_m 3.804828
+    assert main(["info", "efficientnet_b0", "--size", "64x96"]) == 0
+    assert "(decoder width 128, 256 bins)" in capsys.readouterr().out.splitlines()[0]
+
+
+def test_cli_help_is_for_users(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "one small function per verb" not in text and "delegating" not in text
+    assert "distill VERB --help" in text

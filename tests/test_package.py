@@ -141,7 +141,7 @@ def test_readme_topic_tables_list_the_topic_table():
 
 
 def test_kitti_yaml_sets_every_parameter_and_resolves():
-    values = yaml.safe_load((REPO / "config" / "kitti.yaml").read_text())["depth_node"]["ros__parameters"]
+    values = yaml.safe_load((REPO / "config" / "kitti.yaml").read_text())["/**/depth_node"]["ros__parameters"]
     assert list(values) == list(params.PARAMETERS)
     resolved = params.resolve(values | {"model": "m.onnx"})
     assert resolved["max_depth"] == 80.0 and len(resolved["lidar_to_camera"]) == 16

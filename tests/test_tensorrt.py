@@ -27,7 +27,7 @@ from depth_node.trt_backend import (
 from distill.cli import main
 from distill.errors import UserError
 from distill.models import build_student
-from distill.verbs.export import export_onnx, relative_error, smooth_random_image
+from distill.verbs.export import export_onnx
 from distill.verbs.export_trt import (
     build_engine,
     calibration_batches,
@@ -35,6 +35,7 @@ from distill.verbs.export_trt import (
     optimisation_profile,
     timing_cache_name,
 )
+from distill.verbs.parity import relative_error, smooth_random_image
 
 SIZE = (64, 192)
 ROSBAG = "kitti_rosbag2_sample/kitti_0001_f5_mcap"

@@ -19,7 +19,7 @@ import yaml
 
 from distill.checkpoint import read_state, resolve_checkpoint
 from distill.config import load_config
-from distill.data.sampling import ResumableSampler, SeededDataset
+from distill.data.sampling import ResumableSampler, SeededDataset, loader_workers
 from distill.errors import UserError
 from distill.kd.method import SupervisedMethod
 from distill.models import build_student, load_model
@@ -135,7 +135,7 @@ def test_transformer_teacher_training_lowers_the_loss(tmp_path, synth_root):
     assert not (run_dir / "best").exists() and not (run_dir / "val.csv").exists()
 
 
-def test_a_new_run_never_overwrites_and_resume_needs_a_checkpoint(tmp_path, synth_root):
+def test_a_new_run_never_overwrites_and_resume_needs_a_checkpoint(tmp_path, synth_root, capsys):
     exp = experiment(tmp_path, synth_root)
     (tmp_path / "runs" / "tiny").mkdir(parents=True)
     (tmp_path / "runs" / "tiny" / "keep.txt").write_text("old run")
@@ -144,6 +144,22 @@ def test_a_new_run_never_overwrites_and_resume_needs_a_checkpoint(tmp_path, synt
     with pytest.raises(UserError, match="fewer than data.batch_size"):
         run_training(exp, ["data.batch_size=64"])
     assert (tmp_path / "runs" / "tiny-2").is_dir() and (tmp_path / "runs" / "tiny" / "keep.txt").is_file()
+    assert f"is taken: this run is {tmp_path / 'runs' / 'tiny-2'}" in capsys.readouterr().out
+
+
+def test_auto_workers_load_tiny_datasets_in_process():
+    cores = len(os.sched_getaffinity(0))
+    assert loader_workers(3, frames=10, batch_size=2) == 3 and loader_workers(0, frames=10**6, batch_size=8) == 0
+    assert loader_workers("auto", frames=140, batch_size=8) == 0 and loader_workers(None, frames=49, batch_size=1) == 0
+    assert loader_workers("auto", frames=10**5, batch_size=8) == max(0, min(4, cores - 1))
+
+
+def test_default_amp_on_cpu_trains_in_float32_without_a_warning(tmp_path, synth_root, capsys):
+    exp = experiment(tmp_path, synth_root, data={"num_workers": "auto"})
+    run_dir = run_training(exp, ["train.steps=2", "train.amp=auto", "data.val_split=null", "train.log_every=1"])
+    captured = capsys.readouterr()
+    assert "needs CUDA" not in captured.out + captured.err
+    assert load_config(run_dir / "config.yaml").train.amp == "none"
 
 
 def test_epochs_count_full_batches_and_set_the_method_total(tmp_path, synth_root):

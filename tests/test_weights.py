@@ -127,3 +127,16 @@ def test_timm_classifier_weights_into_features_only_encoder(tmp_path):
     other = timm.create_model("resnet10t", pretrained=False, features_only=True)
     with pytest.raises(UserError, match="imagenet.safetensors"):  # another architecture
         load_timm_encoder_weights(other, tmp_path / "imagenet.safetensors")
+
+
+def test_timm_classifier_file_given_as_model_weights_points_to_encoder_weights(tmp_path):
+    from distill.models import load_model
+
+    classifier = timm.create_model("resnet18", pretrained=False)
+    save_file(classifier.state_dict(), tmp_path / "imagenet.safetensors")
+    with pytest.raises(UserError) as info:
+        load_model("resnet18", weights=tmp_path / "imagenet.safetensors", decoder_width=16, bins=16)
+    assert "model.encoder_weights" in str(info.value) and "\n" not in str(info.value)
+    loaded = load_model("resnet18", encoder_weights=tmp_path / "imagenet.safetensors", decoder_width=16, bins=16).model
+    first = next(k for k in classifier.state_dict() if k.endswith("weight"))
+    assert torch.equal(loaded.encoder.state_dict()[first], classifier.state_dict()[first])

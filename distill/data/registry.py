@@ -18,9 +18,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 from distill.errors import UserError
@@ -47,7 +47,7 @@ class DataConfig(BaseModel):
     min_depth: float | None
     max_depth: float | None
     batch_size: int
-    num_workers: int
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] | None
     train_split: str
     val_split: str | None
     test_split: str

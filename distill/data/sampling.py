@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import random
 from collections.abc import Iterator
 
@@ -10,6 +11,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
+
+MIN_BATCHES_FOR_WORKERS = 50  # shorter passes lose more to starting workers each epoch than they gain
+MAX_AUTO_WORKERS = 4
+
+
+def loader_workers(setting: int | str | None, frames: int, batch_size: int) -> int:
+    """DataLoader worker processes for `data.num_workers`: an explicit number as given; null or "auto" picks 0 for
+    a pass of fewer than MIN_BATCHES_FOR_WORKERS batches (workers restart every epoch, measured at 5.3 s/step vs
+    1.15 s in-process on 200 synthetic frames on 2 cores), else one per spare core up to MAX_AUTO_WORKERS."""
+    if isinstance(setting, int):
+        return setting
+    if frames < MIN_BATCHES_FOR_WORKERS * max(1, batch_size):
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(MAX_AUTO_WORKERS, cores - 1))
 
 
 class SeededDataset:

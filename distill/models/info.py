@@ -54,9 +54,16 @@ def model_parts(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(prefix + name, child) for name, child in children]
 
 
-def resolve_model(spec: str, size: tuple[int, int]) -> nn.Module:
-    """Build what `distill info` was given: a teacher spec (built for `size`), a checkpoint path or a student arch."""
-    return load_model(spec, img_size=size).model
+def resolve_model(spec: str, size: tuple[int, int], **head: int) -> nn.Module:
+    """Build what `distill info` was given: a teacher spec (built for `size`), a checkpoint path or a student arch;
+    `head` (decoder_width, bins) sizes the depth head of a name or spec (a checkpoint has its own)."""
+    return load_model(spec, img_size=size, **head).model
+
+
+def padded_size(model: nn.Module, size: tuple[int, int]) -> tuple[int, int]:
+    """`size` rounded up to the model's size_divisor, as `distill export` edge-pads a fixed input inside its graph."""
+    divisor = int(getattr(model, "size_divisor", 1))
+    return (size[0] + -size[0] % divisor, size[1] + -size[1] % divisor)
 
 
 def info_table(model: nn.Module, size: tuple[int, int]) -> list[tuple[str, float, float | None]]:
@@ -77,6 +84,15 @@ def info_table(model: nn.Module, size: tuple[int, int]) -> list[tuple[str, float
     return rows
 
 
+def describe_head(model: nn.Module) -> str:
+    """ " (decoder width 128, 256 bins)" from the model's spec, or "" when it has no depth head of that kind."""
+    spec = getattr(model, "spec", None)
+    if not isinstance(spec, dict) or "decoder_width" not in spec:
+        return ""
+    bins = spec.get("bins")
+    return f" (decoder width {spec['decoder_width']}" + (f", {bins} bins)" if bins else ", no bins)")
+
+
 def part_total(flops: dict[str, int], name: str) -> int:
     """FLOPs of submodule `name`; when it was not called as a module (e.g. a timm `forward_intermediates`), the sum
     over its outermost submodules that were."""
@@ -87,11 +103,23 @@ def part_total(flops: dict[str, int], name: str) -> int:
     return sum(flops[key] for key in outermost)
 
 
-def print_info(model: str, size: tuple[int, int] = (352, 1216)) -> None:
-    """Print params (M) and GFLOPs at HxW of a student arch, teacher spec or checkpoint, per top-level part."""
-    rows = info_table(resolve_model(model, size), size)
+def print_info(
+    model: str, size: tuple[int, int] = (352, 1216), decoder_width: int | None = None, bins: int | None = None
+) -> None:
+    """Print params (M) and GFLOPs at HxW of a student arch, teacher spec or checkpoint, per top-level part.
+
+    A size off the model's divisor is counted as the export runs it: edge-padded up to the next multiple.
+    decoder_width, bins: the depth head of a name or spec (None: the defaults of config/default.yaml's model:).
+    """
+    head = {key: value for key, value in (("decoder_width", decoder_width), ("bins", bins)) if value is not None}
+    built = resolve_model(model, size, **head)
+    run = padded_size(built, size)
+    rows = info_table(built, run)
     width = max(len(name) for name, _, _ in rows)
-    print(f"{model} at {size[0]}x{size[1]} (HxW), batch 1")
+    print(f"{model}{describe_head(built)} at {size[0]}x{size[1]} (HxW), batch 1")
+    if run != tuple(size):
+        divisor = built.size_divisor
+        print(f"counted at {run[0]}x{run[1]}: edge-padded to a multiple of {divisor}, as distill export does")
     print(f"{'part':<{width}}  {'params (M)':>10}  {'GFLOPs':>8}")
     for name, params, gflops in rows:
         shown = "n/a" if gflops is None else f"{gflops:.2f}"

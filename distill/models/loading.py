@@ -35,7 +35,7 @@ from distill.models.completion import KIND as COMPLETION_KIND
 from distill.models.completion import build_completion
 from distill.models.student import build_student
 from distill.models.teachers import build_teacher
-from distill.models.weights import load_weights
+from distill.models.weights import holds_encoder_weights, load_weights
 from distill.registry import Registry
 
 TEACHER_SPEC = re.compile(r"^[a-z_]+:")  # "timm:...", "hybrid:...", "hf:<folder>", "onnx:<file>", ...
@@ -156,4 +156,13 @@ def load_weights_into(model: DepthModel, weights: Path) -> None:
     if weights.is_dir() or weights.name == ckpt.STATE_FILE:
         ckpt.load_model_weights(model, ckpt.resolve_checkpoint(weights))
     else:
-        load_weights(model, weights)
+        try:
+            load_weights(model, weights)
+        except UserError:
+            encoder = getattr(model, "encoder", None) or getattr(model, "backbone", None)
+            if isinstance(encoder, torch.nn.Module) and holds_encoder_weights(encoder, weights):
+                raise UserError(
+                    f"{weights}: holds timm weights of the encoder only, not of the whole depth model: give it as "
+                    "encoder_weights (config: model.encoder_weights); model.weights takes a trained checkpoint"
+                ) from None
+            raise

@@ -165,3 +165,12 @@ def load_timm_encoder_weights(encoder: nn.Module, path: str | Path) -> LoadRepor
     report = assign_state(encoder, mapped, Path(path), strict=True)
     report.unexpected = sorted(state.keys() - used)
     return report
+
+
+def holds_encoder_weights(encoder: nn.Module, path: str | Path) -> bool:
+    """Whether a weights file holds (nearly) every tensor of `encoder` under timm's names: a timm classifier's file
+    given where a whole model's weights were expected."""
+    by_flat = {_flat(k) for k in read_state_dict(path)}
+    keys = [key for key in encoder.state_dict() if not key.endswith(IGNORED_MISSING_SUFFIX)]
+    found = sum(_flat(key) in by_flat or _flat(key.removeprefix("model.")) in by_flat for key in keys)
+    return bool(keys) and found >= 0.9 * len(keys)

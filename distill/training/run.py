@@ -29,6 +29,8 @@ def run_training(config_path: Path | str | None, overrides: Sequence[str] = ()) 
     resolve_kd(config)
 
     device = _init_processes(config)
+    if config.train.amp == "auto":  # resolved here, so only an explicit bf16/fp16 on CPU warns
+        config.train.amp = "bf16" if device.type == "cuda" else "none"
     try:
         run_dir = _run_dir(config)
         resume_from = _resume_checkpoint(config, run_dir)
@@ -92,6 +94,9 @@ def _run_dir(config: Config) -> Path:
         if not config.run.resume:
             names = itertools.chain([base], (base.with_name(f"{base.name}-{i}") for i in itertools.count(2)))
             chosen = [next(path for path in names if not path.exists() or not any(path.iterdir()))]
+            if chosen[0] != base:  # later commands and KD configs that name `base` keep using the first run
+                print(f"{base} is taken: this run is {chosen[0]} (run.name=... picks another, run.resume=true "
+                      f"continues {base})")  # fmt: skip
         chosen[0].mkdir(parents=True, exist_ok=True)
     if dist.is_initialized():
         dist.broadcast_object_list(chosen, src=0)
@@ -141,7 +146,7 @@ def _train_loader(config: Config):
     from torch.utils.data import DataLoader
 
     from distill.data import build_dataset
-    from distill.data.sampling import ResumableSampler, SeededDataset
+    from distill.data.sampling import ResumableSampler, SeededDataset, loader_workers
 
     dataset = SeededDataset(build_dataset(config.data, config.data.train_split, augment=True), config.run.seed)
     sampler = ResumableSampler(dataset, seed=config.run.seed, drop_last=True)
@@ -152,7 +157,8 @@ def _train_loader(config: Config):
         )
     generator = torch.Generator().manual_seed(config.run.seed)  # worker seeds never consume the global RNG
     return DataLoader(
-        dataset, batch_size=config.data.batch_size, sampler=sampler, num_workers=config.data.num_workers,
+        dataset, batch_size=config.data.batch_size, sampler=sampler,
+        num_workers=loader_workers(config.data.num_workers, len(dataset), config.data.batch_size),
         drop_last=True, pin_memory=torch.cuda.is_available(), generator=generator,
         persistent_workers=False,  # workers must see the new `epoch` of the dataset each epoch
     )  # fmt: skip
@@ -161,18 +167,21 @@ def _train_loader(config: Config):
 def _validator(config: Config, device):
     """Callable(model) -> validation metrics, or None when the config has no validation split."""
     from distill.data import build_dataset
+    from distill.data.sampling import loader_workers
     from distill.inference import evaluate, model_predictor
 
     if config.data.val_split is None:
         return None
     dataset = build_dataset(config.data, config.data.val_split, augment=False)
     crop, data = config.eval.crop or config.data.eval_crop, config.data
+    batch_size = data.batch_size if data.size else 1
+    workers = loader_workers(data.num_workers, len(dataset), batch_size)
 
     def validate(model) -> dict[str, float]:
         return evaluate(
             model_predictor(model), dataset, crop=crop, align=config.eval.align, min_depth=data.min_depth,
-            max_depth=data.max_depth, paste_full=data.size is None, batch_size=data.batch_size if data.size else 1,
-            num_workers=data.num_workers, device=device,
+            max_depth=data.max_depth, paste_full=data.size is None, batch_size=batch_size, num_workers=workers,
+            device=device,
         )  # fmt: skip
 
     return validate

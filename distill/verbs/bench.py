@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from depth_node.engine import DepthEngine, ModelLoadError, open_engine
+from depth_node.metadata import ModelMetadata
 from distill.errors import UserError
 
 WARMUP_RUNS = 3
@@ -91,9 +92,20 @@ def run_bench(
 ) -> dict:
     """The `distill bench` verb: print one latency line and return it as a dict (threads None: ORT's default)."""
     engine, size = open_for_bench(model, backend, size, threads)
+    print(describe_model(engine.metadata))
     result = bench_engine(engine, Path(model).name, size, runs)
     print(format_table([result]))
     return asdict(result)
+
+
+def describe_model(metadata: ModelMetadata) -> str:
+    """One line on what the model is: its kind (metric or relative, which decides the node's output topic), range,
+    bins and input size, from the metadata embedded at export."""
+    kind = "metric depth (m)" if metadata.output_kind == "metric" else f"{metadata.output_kind} (unitless)"
+    size = "dynamic" if metadata.input_size is None else f"{metadata.input_size[0]}x{metadata.input_size[1]}"
+    bins = f"{metadata.bins} bins" if metadata.bins else "no bins"
+    return (f"{metadata.arch or 'model'}: {kind}, {metadata.min_depth:g}-{metadata.max_depth:g} m, {bins}, "
+            f"input {size}")  # fmt: skip
 
 
 def format_table(rows: list[Latency]) -> str:

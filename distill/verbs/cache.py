@@ -44,6 +44,7 @@ def cache_teacher(config: Config, out: Path, splits: Sequence[str], *, fmt: str 
     from torch.utils.data import DataLoader
 
     from distill.data import build_dataset
+    from distill.data.sampling import loader_workers
     from distill.inference import predict_depth
 
     device = torch.device("cuda" if config.run.device != "cpu" and torch.cuda.is_available() else "cpu")
@@ -54,7 +55,8 @@ def cache_teacher(config: Config, out: Path, splits: Sequence[str], *, fmt: str 
     written = 0
     for split in dict.fromkeys(splits):
         dataset = build_dataset(config.data, split, augment=False)
-        loader = DataLoader(dataset, batch_size=config.data.batch_size, num_workers=config.data.num_workers)
+        workers = loader_workers(config.data.num_workers, len(dataset), config.data.batch_size)
+        loader = DataLoader(dataset, batch_size=config.data.batch_size, num_workers=workers)
         for batch in tqdm(loader, desc=f"caching teacher ({split})", unit="batch"):
             names = list(batch["meta"]["name"])
             if all(precomputed_path(out, name, "." + fmt).is_file() for name in names):

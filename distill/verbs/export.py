@@ -11,29 +11,24 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import inspect
 import json
 import re
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
-import cv2
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import distill
-from depth_node.engine import plan_input, preprocess
 from depth_node.metadata import METADATA_KEY, ModelLoadError, ModelMetadata, read_onnx_metadata
 from distill.errors import UserError
 from distill.models import load_model
+from distill.verbs.parity import PARITY_TOLERANCE, check_parity, extra_inputs, parity_inputs
 
 FORMATS = ("onnx", "engine")
-PARITY_TOLERANCE = 1e-3
-PARITY_SAMPLES = 3
 _CHECKPOINT_FILES = ("state.json", "model.safetensors")  # files that stand for their checkpoint folder
-_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
 class ExportWrapper(nn.Module):
@@ -76,6 +71,7 @@ def run_export(
     opset: int = 17,
     arch: str | None = None,
     random_init: bool = False,
+    force: bool = False,
 ) -> list[Path]:
     """The `distill export` verb: a checkpoint (or a random-init student) to ONNX and/or a TensorRT engine.
 
@@ -89,6 +85,7 @@ def run_export(
         calib: images, a dataset or a bag: INT8 calibration data and the parity check's inputs.
         opset: ONNX opset version.
         arch, random_init: export an untrained student of this architecture (tests, benchmarks).
+        force: replace an existing export of the same name (otherwise that is a UserError).
 
     Returns:
         The files written.
@@ -106,7 +103,7 @@ def run_export(
         metadata = read_metadata_or_fail(onnx_path)
     else:
         model, config = load_for_export(source, arch=arch, random_init=random_init)
-        onnx_path, metadata = export_onnx(model, out, size, dynamic, opset, config, calib)
+        onnx_path, metadata = export_onnx(model, out, size, dynamic, opset, config, calib, overwrite=force)
         written.append(onnx_path)
     if "engine" in chosen:
         from distill.verbs.export_trt import build_engine
@@ -186,23 +183,33 @@ def export_onnx(
     opset: int,
     config: dict,
     calib: Path | None = None,
+    overwrite: bool = True,
 ) -> tuple[Path, ModelMetadata]:
     """Write `<arch>_<H>x<W>.onnx` (or `<arch>_dynamic.onnx`) into out_dir, checked and parity-tested.
 
     Args:
         model: a DepthModel in eval mode.
         size: (H, W) of the traced input (the fixed input size unless dynamic). A fixed size that is not a multiple
-            of model.size_divisor is edge-padded inside the graph; a dynamic model's must be a multiple.
+            of model.size_divisor is edge-padded inside the graph; a dynamic model is traced at the next multiple
+            (its graph takes any multiple).
         dynamic: batch, height and width become dynamic axes.
         opset: ONNX opset version.
         config: the run's resolved config (hashed into the metadata).
         calib: optional image source; its first images are the parity check's inputs.
+        overwrite: replace an existing file of the same name; False makes that a UserError.
     """
     divisor = int(getattr(model, "size_divisor", 32))
     pad = (-size[0] % divisor, -size[1] % divisor)
-    if any(pad) and (dynamic or extra_inputs(model)):
-        kind = "with --dynamic" if dynamic else "for a model with inputs besides the image"
-        raise UserError(f"--size {size[0]}x{size[1]}: {kind}, height and width must be multiples of {divisor}")
+    if dynamic and any(pad):
+        size = (size[0] + pad[0], size[1] + pad[1])
+        print(f"--dynamic: traced at {size[0]}x{size[1]}; the graph takes any height and width that are multiples "
+              f"of {divisor}")  # fmt: skip
+        pad = (0, 0)
+    if any(pad) and extra_inputs(model):
+        raise UserError(
+            f"--size {size[0]}x{size[1]}: for a model with inputs besides the image, height and width must be "
+            f"multiples of {divisor}"
+        )
     wrapper = ExportWrapper(model, pad).eval()
     samples = parity_inputs(model, size, calib)
     with torch.no_grad():
@@ -212,13 +219,17 @@ def export_onnx(
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     stem = re.sub(r"[^A-Za-z0-9_.+-]+", "-", metadata.arch)  # "timm:vit_small..." -> "timm-vit_small..."
     path = Path(out_dir) / (f"{stem}_dynamic.onnx" if dynamic else f"{stem}_{size[0]}x{size[1]}.onnx")
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} exists (an earlier export): pass --force to replace it, or --out another folder")
+    check_export_size(model, metadata.arch, wrapper.padded(first[0]).shape[-2:], dynamic)
     _trace_to_onnx(wrapper, samples[0], path, list(metadata.outputs), dynamic, opset)
+
     _finish_onnx(path, metadata)
     if dynamic:  # a second size proves the graph really follows its input size
         half = (max(divisor, size[0] // 2 // divisor * divisor), max(divisor, size[1] // 2 // divisor * divisor))
         samples = samples + parity_inputs(model, half, None)[:1]
     error = check_parity(wrapper, path, samples)
-    source = "images from " + str(calib) if calib else "random smooth images (no dataset given: pass --calib DIR)"
+    source = "images from " + str(calib) if calib else "random smooth images (--calib DIR checks on your images)"
     print(f"parity ONNX Runtime vs PyTorch: max relative error {error:.2e} on {len(samples)} {source}")
     if not error <= PARITY_TOLERANCE:
         raise UserError(
@@ -226,6 +237,29 @@ def export_onnx(
             "the file is kept for inspection"
         )
     return path, metadata
+
+
+def built_size(model: nn.Module) -> tuple[int, int] | None:
+    """(H, W) a teacher that resizes absolute position embeddings (ViT, hybrid) was built for; None for any other
+    model, which takes every size its divisor allows."""
+    spec = getattr(model, "spec", None)
+    built = spec.get("img_size") if isinstance(spec, dict) else None
+    if not built or not any(name.endswith("pos_embed") for name, _ in model.named_parameters()):
+        return None
+    return int(built[0]), int(built[1])
+
+
+def check_export_size(model: nn.Module, arch: str, traced: Sequence[int], dynamic: bool) -> None:
+    """A ViT teacher resizes its position embeddings (antialiased bicubic) at any size but the one it was built for,
+    which ONNX cannot express: one UserError naming the size to export at, before the exporter fails."""
+    built = built_size(model)
+    if built is None or (built == tuple(int(side) for side in traced) and not dynamic):
+        return
+    how = "without --dynamic, " if dynamic else ""
+    raise UserError(
+        f"{arch} was built for {built[0]}x{built[1]} and resizes its position embeddings at any other size, which "
+        f"ONNX cannot express: export it {how}with --size {built[0]}x{built[1]}"
+    )
 
 
 def describe(model: nn.Module, size: tuple[int, int], dynamic: bool, config: dict, bins: int) -> ModelMetadata:
@@ -288,81 +322,6 @@ def _simplify(proto):
     import onnxslim
 
     return onnxslim.slim(proto)
-
-
-def extra_inputs(model: nn.Module) -> tuple[str, ...]:
-    """Names of the model's required forward arguments after the image (e.g. a completion network's
-    aligned/sparse/mask); optional ones keep their defaults in the graph."""
-    parameters = list(inspect.signature(model.forward).parameters.values())[1:]
-    return tuple(p.name for p in parameters if p.default is inspect.Parameter.empty and p.kind in _POSITIONAL)
-
-
-def parity_inputs(model: nn.Module, size: tuple[int, int], calib: Path | None) -> list[dict[str, np.ndarray]]:
-    """PARITY_SAMPLES graph feeds: "image" (1, 3, H, W) normalised, from calibration images if given, else smooth
-    noise; plus, for models with more inputs, (1, 1, H, W) depth-like maps (see `depth_inputs`)."""
-    if calib is not None:
-        from distill.verbs.export_trt import calibration_images
-
-        images = [image for image, _ in zip(calibration_images(calib), range(PARITY_SAMPLES))]
-    else:
-        images = [smooth_random_image(size, seed) for seed in range(PARITY_SAMPLES)]
-    extra = extra_inputs(model)
-    return [
-        {
-            "image": preprocess(image, plan_input(image.shape[:2], size, "stretch"), model.mean, model.std),
-            **(depth_inputs(model, size, seed) if extra else {}),
-        }
-        for seed, image in enumerate(images)
-    ]
-
-
-def depth_inputs(model: nn.Module, size: tuple[int, int], seed: int) -> dict[str, np.ndarray]:
-    """A completion network's other inputs: "aligned" smooth depth in the model's range, "sparse" 5 % of it with
-    noise (0 elsewhere) and its "mask"; each (1, 1, H, W) float32."""
-    names = extra_inputs(model)
-    if names != ("aligned", "sparse", "mask"):
-        raise UserError(f"cannot export a model whose forward takes {('image', *names)}: only image-only models and "
-                        "completion networks (image, aligned, sparse, mask) are supported")  # fmt: skip
-    rng = np.random.default_rng(seed)
-    low, high = float(model.min_depth), float(model.max_depth)
-    smooth = smooth_random_image(size, seed + 100)[..., 0].astype(np.float32) / 255.0
-    aligned = (low + (0.05 + 0.9 * smooth) * (high - low))[None, None]
-    mask = (rng.random(aligned.shape) < 0.05).astype(np.float32)
-    sparse = aligned * (1 + 0.1 * rng.standard_normal(aligned.shape).astype(np.float32)) * mask
-    return {"aligned": aligned, "sparse": np.clip(sparse, 0, high).astype(np.float32), "mask": mask}
-
-
-def smooth_random_image(size: tuple[int, int], seed: int) -> np.ndarray:
-    """(H, W, 3) uint8: low-frequency colour noise over a vertical gradient, closer to a photo than white noise."""
-    rng = np.random.default_rng(seed)
-    height, width = size
-    coarse = rng.uniform(0, 255, (max(2, height // 16), max(2, width // 16), 3)).astype(np.float32)
-    image = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
-    image = 0.7 * image + 0.3 * np.linspace(220, 40, height, dtype=np.float32)[:, None, None]
-    return np.clip(image, 0, 255).astype(np.uint8)
-
-
-def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
-    """max |actual - expected| / |expected|, the denominator floored at 0.1 % of max |expected| (near-zero values)."""
-    expected = np.asarray(expected, np.float64)
-    floor = max(1e-3 * float(np.abs(expected).max(initial=0.0)), 1e-12)
-    return float((np.abs(np.asarray(actual, np.float64) - expected) / np.maximum(np.abs(expected), floor)).max())
-
-
-def check_parity(wrapper: nn.Module, path: Path, samples: list[dict[str, np.ndarray]]) -> float:
-    """Worst relative error of ONNX Runtime (CPU) against PyTorch over all outputs and samples."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    worst = 0.0
-    for sample in samples:
-        with torch.no_grad():
-            expected = wrapper(*(torch.from_numpy(value) for value in sample.values()))
-        expected = expected if isinstance(expected, tuple) else (expected,)
-        actual = session.run(None, sample)
-        for got, want in zip(actual, expected):
-            worst = max(worst, relative_error(got, want.numpy()))
-    return worst
 
 
 def print_usage(paths: list[Path]) -> None:
