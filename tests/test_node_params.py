@@ -6,6 +6,8 @@ reason and change nothing, and the rest are read-only. What `get` reports is alw
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -141,3 +143,17 @@ def test_the_read_only_set_is_what_the_node_cannot_change_while_running():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     sentence = readme.split("### Parameters")[1].split("| name |")[0]
     assert set(re.findall(r"`(\w+)`", sentence)) - {"ros2"} == set(params.PARAMETERS) - read_only
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_lists_every_parameter_and_starts_nothing(flag):
+    """`depth_node --help` is usage text on stdout and exit 0, not a missing-model error (nor a DDS start)."""
+    script = Path(sys.executable).parent / "depth_node"
+    result = subprocess.run([str(script), flag], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.stdout.startswith("usage: depth_node --ros-args -p model:=MODEL.onnx")
+    listed = {line.split()[1] if line.startswith("  *") else line.split()[0] for line in result.stdout.splitlines()
+              if line.startswith("  ")}  # fmt: skip
+    assert listed == set(params.PARAMETERS)
+    runtime = {line.split()[1] for line in result.stdout.splitlines() if line.startswith("  *")}
+    assert runtime == {name for name, spec in params.PARAMETERS.items() if spec.runtime}

@@ -4,7 +4,8 @@ Stages: render the synthetic world (train/val/test + rosbags) -> train a ViT tea
 baseline -> distil the same student from the teacher (DisDepth; `METHOD=tiekd make demo` picks another method) ->
 export teacher and distilled student to ONNX -> evaluate everything (the papers' metrics, params, FLOPs, latency) ->
 run the real ROS 2 depth node on the exported student, replaying the test bag at camera rate and recording /depth and
-/points -> score the student on the real KITTI frame in ../shared/data when present -> write runs/demo/report.md.
+/points -> score the student on the real KITTI frame of the sample data ($DEPTHKD_SAMPLE_DATA) when present -> write
+runs/demo/report.md.
 
 Every size and step count comes from `DemoSettings` (`DemoSettings.tiny()` is the seconds-scale preset of the
 tests). Each stage prints its progress and duration; a failing stage stops the demo with its message and exit 1.
@@ -363,7 +364,7 @@ def run_demo(settings: DemoSettings) -> dict:
         with stages.run("real KITTI frame"):
             kitti_frame(settings, onnx["kd"], results)
     else:
-        print(f"\n(no real KITTI sample at {settings.kitti}: that stage is skipped)")
+        print(f"\n(no real KITTI sample at {settings.kitti}, set DEPTHKD_SAMPLE_DATA: that stage is skipped)")
     with stages.run("report"):
         results.update(stages=stages.durations, load_average_end=os.getloadavg())
         results["total_s"] = time.perf_counter() - started

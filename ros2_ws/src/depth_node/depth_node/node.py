@@ -275,7 +275,10 @@ def main(args: list[str] | None = None) -> int:
     reuse_large_buffers()  # before rclpy.init: the DDS receive buffers are the first megabyte allocations
     try:
         # rcl parses --ros-args (and reads the params files) here first, without logging a line of its own
-        remove_ros_args(sys.argv if args is None else args)
+        own_args = remove_ros_args(sys.argv if args is None else args)[1:]
+        if {"-h", "--help"} & set(own_args):
+            print(params.usage())
+            return 0
         rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     except RCLError as error:
         print(f"depth_node: error: invalid --ros-args: {rcl_error_summary(error)}", file=sys.stderr)

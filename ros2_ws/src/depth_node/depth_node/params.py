@@ -78,6 +78,27 @@ PARAMETERS: dict[str, ParamSpec] = {
 }
 
 
+def usage() -> str:
+    """`depth_node --help`: how to start the node and every parameter with its type, default and meaning."""
+    lines = [
+        "usage: depth_node --ros-args -p model:=MODEL.onnx [-p NAME:=VALUE ...] [--params-file FILE] [-r FROM:=TO ...]",
+        "",
+        "Publishes depth (32FC1 metres), its camera_info, confidence and the point cloud from camera frames, with an",
+        "exported depthkd model (`distill export`). Move every topic together with a namespace: -r __ns:=/camera.",
+        "",
+        "parameters (* = applied at run time by `ros2 param set`; the others are read-only once the node is up):",
+    ]
+    width = max(map(len, PARAMETERS))
+    for name, spec in PARAMETERS.items():
+        kind = type(spec.default).__name__ if not isinstance(spec.default, list) else "double[]"
+        default = "[identity]" if spec.default == IDENTITY_4X4 else repr(spec.default)
+        choices = f" ({' | '.join(spec.choices)})" if spec.choices else ""
+        lines.append(
+            f"  {'*' if spec.runtime else ' '} {name:<{width}}  {kind:<8} {default:<12} {spec.description}{choices}"
+        )
+    return "\n".join(lines)
+
+
 def defaults() -> dict[str, Any]:
     """Every parameter at its default."""
     return {name: spec.default for name, spec in PARAMETERS.items()}
