@@ -16,7 +16,7 @@ import torch
 from distill.models.base import DepthModel, DepthOutput
 from distill.models.decoder import DepthHead
 from distill.models.lgconv import wrap_lgconv
-from distill.models.registry import create_timm_model, timm_normalisation
+from distill.models.timm_models import create_timm_model, timm_normalisation
 from distill.registry import Registry
 
 STUDENT_ARCHS = (

@@ -17,7 +17,7 @@ from torch import nn
 from distill.errors import UserError
 from distill.models.base import DepthModel, DepthOutput
 from distill.models.decoder import DepthHead
-from distill.models.registry import create_timm_model
+from distill.models.timm_models import create_timm_model
 
 
 def _resample(in_channels: int, out_channels: int, factor: float) -> nn.Module:

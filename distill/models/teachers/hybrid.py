@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from distill.errors import UserError
-from distill.models.registry import create_timm_model, timm_normalisation
 from distill.models.teachers._dpt import Reassemble, TrainableTeacher, create_transformer
 from distill.models.teachers._scheme import Option, register_teacher
+from distill.models.timm_models import create_timm_model, timm_normalisation
 
 HYBRID_CNN_REDUCTIONS = (4, 8, 16)  # CNN stages used: two skips and the one the ViT tokenises
 

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from distill.errors import UserError
-from distill.models.registry import timm_normalisation
 from distill.models.teachers._dpt import Reassemble, TrainableTeacher, create_transformer
 from distill.models.teachers._scheme import Option, register_teacher
+from distill.models.timm_models import timm_normalisation
 
 STAGES = 4
 
