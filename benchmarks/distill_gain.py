@@ -19,7 +19,9 @@ row is reported and does not stop the others.
     python benchmarks/distill_gain.py --device cuda --set student_steps=3000 --set teacher_steps=12000
 Worlds, runs and scores are cached under --cache (runs keyed by their config overrides), so an interrupted benchmark
 resumes; delete the cache after changing a method's code.
-Gap closure = (RMSE_baseline − RMSE_row) / (RMSE_baseline − RMSE_teacher). Writes the table to --out (.json, .md).
+Gap closure = (RMSE_baseline − RMSE_row) / (RMSE_baseline − RMSE_teacher). Writes the table to --out (.json, .md);
+without --out, only the default setting replaces results/distill_gain.json, --quick and --set runs go to
+runs/distill_gain/<variant>.json.
 """
 
 from __future__ import annotations
@@ -296,11 +298,22 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, few steps, a few rows")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     parser.add_argument("--cache", type=Path, default=Path("runs/bench_cache"), help="worlds, runs and scores")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON report (the table goes beside it as .md)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON report, the table beside it as .md (default: results/distill_gain.json for the "
+                             "default setting; runs/distill_gain/<variant>.json with --quick or --set)")  # fmt: skip
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a Setting field (YAML value), e.g. --set student_steps=800")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return parser.parse_args()
+
+
+def default_out(quick: bool, sets: list[str]) -> Path:
+    """Where a run writes without --out: only the default setting replaces the committed table; a smoke run or a
+    --set variant goes to runs/distill_gain/, named after what it changed, so it never overwrites it."""
+    if not quick and not sets:
+        return RESULTS
+    name = "_".join(["quick"] * quick + [item.replace("=", "-").replace("/", "-") for item in sets])
+    return Path("runs") / "distill_gain" / f"{name}.json"
 
 
 def setting_from_args(args: argparse.Namespace) -> Setting:
@@ -333,11 +346,12 @@ def main() -> None:
     except UserError as error:
         raise SystemExit(f"error: {error}") from None
     table = markdown(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    args.out.with_suffix(".md").write_text(table + "\n")
+    out = args.out or default_out(args.quick, args.set)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    out.with_suffix(".md").write_text(table + "\n")
     print(table)
-    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    print(f"wrote {out} and {out.with_suffix('.md')}")
     failed = [name for name, row in report["rows"].items() if row.get("status") == "failed"]
     if failed:
         raise SystemExit(f"rows failed: {', '.join(failed)}")

@@ -44,3 +44,15 @@ def test_quick_benchmark_writes_the_table_and_reuses_its_cache(tmp_path):
     again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "train:" not in again.stderr  # every run and score came from the cache
     assert json.loads(out.read_text())["rows"] == report["rows"]
+
+
+def test_only_the_default_setting_writes_the_committed_table():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from distill_gain import RESULTS, default_out
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    assert default_out(False, []) == RESULTS
+    assert default_out(False, ["student_steps=800"]) == Path("runs/distill_gain/student_steps-800.json")
+    assert default_out(True, []) == Path("runs/distill_gain/quick.json")
+    assert default_out(False, ["student_arch=resnet18", "seed=1"]).parent != RESULTS.parent
