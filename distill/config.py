@@ -315,13 +315,23 @@ def changed_keys(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
 
 def check_paths_exist(config: Config) -> None:
     """Every configured input path (any Path-typed key but run.out_dir) must exist; the error names key and path."""
-    for key, path in _paths(config.model_dump(), ""):
-        if key != "run.out_dir" and not path.exists():
-            raise UserError(f"{key}: path does not exist: {path}")
+    require_paths(config.model_dump(), "", skip=("run.out_dir",))
+
+
+def require_paths(dumped: Any, key: str, skip: Sequence[str] = ()) -> None:
+    """Every Path inside a dumped config or section found at dotted `key` must exist, but those keyed in `skip`.
+
+    Raises:
+        UserError: `dotted.key: path does not exist: PATH` for the first missing one.
+    """
+    for dotted, path in _paths(dumped, key):
+        if dotted not in skip and not path.exists():
+            raise UserError(f"{dotted}: path does not exist: {path}")
 
 
 def _paths(value: Any, key: str) -> Iterator[tuple[str, Path]]:
-    """(dotted key, path) of every Path inside a dumped config; list items are keyed `key[i]`."""
+    """(dotted key, path) of every Path inside a dumped config or section found at `key`; list items are keyed
+    `key[i]`."""
     if isinstance(value, Path):
         yield key, value
     elif isinstance(value, Mapping):

@@ -21,12 +21,11 @@ import importlib
 import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from pydantic import BaseModel
 
-from distill.config import Config, Section, validate_section
+from distill.config import Config, Section, require_paths, validate_section
 from distill.errors import UserError, did_you_mean
 from distill.kd.method import Method, SupervisedMethod
 from distill.kd.teacher import check_cached_inputs, load_teacher
@@ -106,26 +105,18 @@ def resolve_kd(config: Config) -> None:
         raw = sections.get(name, {})
         if isinstance(raw, BaseModel):
             continue
-        if raw is None and name == config.kd.method:
-            raise UserError(f"kd.{name}: section missing (null) while kd.method={name}; see config/default.yaml")
         settings = None if raw is None else validate_section(METHODS.get(name).settings, raw, f"kd.{name}")
         setattr(config.kd, name, settings)
     if config.kd.method != SUPERVISED:
-        _check_paths(kd_section(config, config.kd.method), f"kd.{config.kd.method}")
-
-
-def _check_paths(settings: Section, key: str) -> None:
-    for name, value in settings:
-        if isinstance(value, Path) and not value.exists():
-            raise UserError(f"{key}.{name}: path does not exist: {value}")
+        require_paths(kd_section(config, config.kd.method).model_dump(), f"kd.{config.kd.method}")
 
 
 def kd_section(config: Config, name: str) -> Section:
-    """`config.kd.<name>`, the method's typed settings (resolving the section first if needed)."""
-    section = getattr(config.kd, name, None)
-    if not isinstance(section, BaseModel):
+    """`config.kd.<name>`, the method's typed settings (resolving the `kd:` section first if it is still raw)."""
+    sections = config.kd.model_extra or {}
+    if name not in sections or not isinstance(sections[name], BaseModel | None):
         resolve_kd(config)
-        section = getattr(config.kd, name, None)
+    section = getattr(config.kd, name, None)
     if section is None:
         raise UserError(
             f"kd.{name}: section missing (null) while kd.method={config.kd.method}; see config/default.yaml"
