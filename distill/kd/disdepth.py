@@ -339,6 +339,7 @@ class DisDepthMethod(DistillMethod):
 
         Ghost advantage = student SILog − ghost SILog on the same batch (> 0: the acclimated teacher path decodes
         better than the student), at the last step before KD (warm-up + acclimation) and at the last step taken.
+        While acclimating, the student's SILog is that of its frozen eval-mode forward.
         """
         silog = {name: {key: None if key not in self._silog else float(self._silog[key][name])
                         for key in ("warmup_end", "last")} for name in ("student", "ghost")}  # fmt: skip
