@@ -130,6 +130,7 @@ def test_auto_scale_gives_the_configured_gradient_fraction_and_stays_frozen(fam)
     batch = {"image": torch.rand(2, 3, *SIZE), "depth": torch.rand(2, 1, *SIZE) * 30 + 1}
     batch["valid"] = batch["depth"] > 0
     assert method.diagnostics()["kd_scale"] is None
+    assert all(torch.isfinite(v).all() for v in method.extra_tensors().values())  # checkpointable before it is set
     _, terms = method(batch, 2)
     params = [p for p in method.student.parameters() if p.requires_grad]
     task = gradient_norm(terms["silog"] + terms["chamfer"], params)
