@@ -42,7 +42,7 @@ def fit(world: Path, out: Path, *extra: str) -> int:
 @pytest.mark.slow
 def test_fit_runs_end_to_end_and_resumes(world, tmp_path, capsys):
     out = tmp_path / "fit"
-    assert fit(world, out) == 0
+    assert fit(world, out, "--int8") == 0
     printed = capsys.readouterr().out
     assert f"fit: {IMAGE_TOPIC}" in printed and "LiDAR /kitti/velo/pointcloud as sparse labels" in printed
     state = json.loads((out / "fit.json").read_text())
@@ -51,26 +51,33 @@ def test_fit_runs_end_to_end_and_resumes(world, tmp_path, capsys):
     assert "lidar" in (out / "train" / "train.csv").read_text().splitlines()[0]  # the LiDAR supervised too
 
     onnx_files = sorted(out.glob("*.onnx"))
-    assert [path.name for path in onnx_files] == ["efficientnet_b0_96x320.onnx"]
-    session = ort.InferenceSession(str(onnx_files[0]), providers=["CPUExecutionProvider"])
+    assert [path.name for path in onnx_files] == ["efficientnet_b0_96x320.onnx", "efficientnet_b0_96x320_int8.onnx"]
     image = np.random.default_rng(0).random((1, 3, 96, 320), dtype=np.float32)
-    depth = session.run(["depth"], {session.get_inputs()[0].name: image})[0]
-    assert depth.shape == (1, 1, 96, 320) and np.isfinite(depth).all() and (depth > 0).all()
+    for path in onnx_files:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        depth = session.run(["depth"], {session.get_inputs()[0].name: image})[0]
+        assert depth.shape == (1, 1, 96, 320) and np.isfinite(depth).all() and (depth > 0).all()
 
     report = json.loads((out / "report.json").read_text())
     assert report["held_out_frames"] == 3 and report["method"] == "labelfree"
-    assert 0 <= report["agreement"]["abs_rel"] < 1 and 0 <= report["agreement"]["d1"] <= 1
-    assert report["agreement"]["frames"] == 3 and report["lidar"]["student"]["frames"] == 3
-    assert report["ms_per_frame"]["student_onnxruntime"] > 0 and report["ms_per_frame"]["teacher"] > 0
+    assert list(report["students"]) == ["fp32", "int8"]
+    for student in report["students"].values():
+        assert 0 <= student["agreement"]["abs_rel"] < 1 and 0 <= student["agreement"]["d1"] <= 1
+        assert student["agreement"]["frames"] == 3 and student["lidar"]["frames"] == 3
+        assert student["ms_per_frame"] > 0
+    assert report["teacher"]["ms_per_frame"] > 0 and report["teacher"]["lidar"]["frames"] == 3
     markdown = (out / "report.md").read_text()
     linked = re.findall(r"!\[[^]]*\]\(([^)]+)\)", markdown)
     assert len(linked) == 3 and all((out / picture).stat().st_size > 1000 for picture in linked)
-    assert f"| teacher | {report['agreement']['abs_rel']:.3f} |" in markdown
+    fp32 = report["students"]["fp32"]
+    assert f"| {fp32['ms_per_frame']:.1f} | {fp32['agreement']['abs_rel']:.3f} | {fp32['agreement']['rmse']:.2f} |" in (
+        markdown
+    )
 
     # An interrupted fit (training not finished) resumes: the cache is complete, training continues from `last`.
     state["done"] = ["cache"]
     (out / "fit.json").write_text(json.dumps(state))
-    assert fit(world, out, "resume") == 0
+    assert fit(world, out, "--int8", "resume") == 0
     printed = capsys.readouterr().out
     assert "resuming at step 20" in printed and "teacher cached" not in printed
     assert json.loads((out / "fit.json").read_text())["done"] == ["cache", "train", "export", "report"]

@@ -7,10 +7,12 @@ One command runs the whole recipe, each stage reusing the verb that does it alon
 3. cache: the teacher run once over the training frames (`distill cache`'s `cache_teacher`) into DIR/teacher;
 4. train: `distill train` (`run_training`) from the cached teacher into DIR/train, the LiDAR (when the bag has one)
    also supervising as sparse labels (kd.labelfree.lidar_weight);
-5. export: FP32 ONNX (`distill export`'s `run_export`) into DIR;
+5. export: FP32 ONNX, with `--int8` also INT8 calibrated on the training frames (`distill export`'s `run_export`)
+   into DIR;
 6. report: DIR/report.md + report.json + pictures (`fit_report`) on the held-out frames.
 DIR/fit.json records the choices and the stages done: `--resume` (or a bare `resume` argument) continues an
-interrupted fit, skipping finished stages, finishing the cache and resuming training from DIR/train/last.
+interrupted fit with the same size and steps, skipping finished stages, finishing the cache and resuming training
+from DIR/train/last.
 """
 
 from __future__ import annotations
@@ -65,17 +67,16 @@ def run_fit(
         UserError: a missing bag, topic or teacher, a DIR holding another fit, or any config mistake.
     """
     bags, out = [Path(bag) for bag in bags], Path(out)
-    if int8:
-        raise UserError("--int8 is not available yet: export FP32 now and quantise later with `distill export`")
     check_bags_exist(bags)
     check_teacher_spec(teacher)
     state = _start_state(out, resume, {"bags": [str(b) for b in bags], "teacher": teacher})
     topics = find_topics(bags[0], image_topic, lidar_topic)
-    size = size or default_size(bags[0], topics)
+    size = size or tuple(state.get("size") or default_size(bags[0], topics))  # a resumed fit keeps its choices
+    steps = steps or state.get("steps")
     fit_yaml = write_fit_config(out, bags, topics, size, steps)
     config = load_config(fit_yaml, overrides)
     _print_plan(config, topics, teacher)
-    state.update(topics=topics.__dict__, size=list(config.data.size))
+    state.update(topics=topics.__dict__, size=list(size), steps=steps)
     _save_state(out, state)
 
     if "cache" not in state["done"]:
@@ -87,12 +88,17 @@ def run_fit(
 
         run_training(fit_yaml, [*overrides, f"run.resume={str(resuming).lower()}"])
         _mark_done(out, state, "train")
-    onnx_path = _export(out, config)
-    _mark_done(out, state, "export")
-    from distill.verbs.fit_report import write_report
+    students = {name: Path(path) for name, path in state.get("students", {}).items()}
+    if "export" not in state["done"] or (int8 and "int8" not in students):
+        students = _export(out, config, int8)
+        state["students"] = {name: str(path) for name, path in students.items()}
+        _mark_done(out, state, "export")
+    report = out / "report.md"
+    if "report" not in state["done"]:
+        from distill.verbs.fit_report import write_report
 
-    report = write_report(config, teacher=teacher, student=onnx_path, out=out, topics=topics)
-    _mark_done(out, state, "report")
+        write_report(config, teacher=teacher, students=students, out=out, topics=topics)
+        _mark_done(out, state, "report")
     print(f"done: {report}")
     return report
 
@@ -192,9 +198,17 @@ def _cache(config: Config, teacher: str, folder: Path) -> None:
     print(f"teacher cached: {count} new frames in {folder}")
 
 
-def _export(out: Path, config: Config) -> Path:
-    """FP32 ONNX of the trained student in DIR, at the training size."""
+def _export(out: Path, config: Config, int8: bool) -> dict[str, Path]:
+    """FP32 (and INT8) ONNX of the trained student in DIR at the training size: precision -> file.
+
+    The training frames (DIR/calibration.yaml: the fit's data section, held-out frames excluded) are the parity
+    check's inputs and the INT8 calibration data.
+    """
     from distill.verbs.export import run_export
 
-    written = run_export(out / "train", out=out, size=tuple(config.data.size), force=True)
-    return written[0]
+    calibration = out / "calibration.yaml"
+    data = config.data.model_dump(mode="json") | {"lidar_topic": None}  # images only
+    calibration.write_text(yaml.safe_dump({"data": data}, sort_keys=False))
+    written = run_export(out / "train", out=out, size=tuple(config.data.size), int8=int8, calib=calibration,
+                         force=True)  # fmt: skip
+    return dict(zip(("fp32", "int8") if int8 else ("fp32",), written, strict=True))

@@ -51,13 +51,14 @@ def teacher_config(config: Config, teacher: str) -> Config:
     return live
 
 
-def write_report(config: Config, *, teacher: str, student: Path, out: Path, topics: BagTopics) -> Path:
-    """Compare the exported student with the teacher on the held-out frames; returns DIR/report.md.
+def write_report(config: Config, *, teacher: str, students: dict[str, Path], out: Path, topics: BagTopics) -> Path:
+    """Compare the exported students with the teacher on the held-out frames; returns DIR/report.md.
 
     Args:
         config: the fit's resolved config (data: the bags, size and held-out split).
-        teacher: the teacher spec the student was distilled from.
-        student: the exported .onnx.
+        teacher: the teacher spec the students were distilled from.
+        students: precision ("fp32", "int8") -> exported .onnx; the first one is drawn, and a relative teacher is
+            aligned to it on frames without LiDAR.
         out: DIR.
         topics: the topics read (for the report's header).
     """
@@ -66,54 +67,64 @@ def write_report(config: Config, *, teacher: str, student: Path, out: Path, topi
     from distill.kd.teacher import load_teacher
 
     frames = build_dataset(config.data, config.data.test_split, augment=False)
-    student_predictor = engine_predictor(student, backend="onnxruntime")
+    predictors = {name: engine_predictor(path, backend="onnxruntime") for name, path in students.items()}
     teacher_model = load_teacher(teacher_config(config, teacher), torch.device("cpu"))
-    teacher_predictor = model_predictor(teacher_model, name=teacher)
+    predictors["teacher"] = model_predictor(teacher_model, name=teacher)
     depth_range = (config.data.min_depth, config.data.max_depth)
-    accumulators = {name: MetricAccumulator(min_depth=depth_range[0], max_depth=depth_range[1])
-                    for name in ("agreement", "student_lidar", "teacher_lidar")}  # fmt: skip
-    timings: dict[str, list[float]] = {"student": [], "teacher": []}
-    pictures = []
+    scores = {name: _Scores(depth_range) for name in predictors}
+    first, pictures = next(iter(students)), []
     for number in tqdm(range(len(frames)), desc="report (held-out frames)", unit="frame"):
         sample = frames[number]
         rgb = (sample["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        student_depth = _timed(timings["student"], student_predictor.predict, rgb)
-        raw = _timed(timings["teacher"], teacher_predictor.predict, rgb)
+        depths = {name: scores[name].timed(predictor.predict, rgb) for name, predictor in predictors.items()}
         lidar = sample["sparse_depth"][0].numpy() if "sparse_depth" in sample else None
-        teacher_depth = _teacher_depth(raw, teacher_model.output_kind, student_depth, lidar, depth_range)
-        accumulators["agreement"].update(student_depth, teacher_depth)
-        if lidar is not None:
-            accumulators["student_lidar"].update(student_depth, lidar)
-            accumulators["teacher_lidar"].update(teacher_depth, lidar)
+        depths["teacher"] = _teacher_depth(depths["teacher"], teacher_model.output_kind, depths[first], lidar,
+                                           depth_range)  # fmt: skip
+        for name, depth in depths.items():
+            scores[name].update(depth, depths["teacher"], lidar)
         if number < PICTURES:
-            pictures.append(_draw(out / "pictures" / f"holdout_{number:02d}.png", rgb, teacher_depth, student_depth,
-                                  lidar))  # fmt: skip
+            pictures.append(_draw(out / "pictures" / f"holdout_{number:02d}.png", rgb, depths["teacher"],
+                                  depths[first], lidar))  # fmt: skip
     results = {
-        "teacher": teacher, "student": str(student), "method": config.kd.method,
-        "topics": topics.__dict__, "size": list(config.data.size), "held_out_frames": len(frames),
-        "holdout_every": config.data.holdout_every, "train_steps": config.train.steps,
-        "agreement": _means(accumulators["agreement"]),
-        "lidar": None if topics.lidar is None else {
-            "student": _means(accumulators["student_lidar"]), "teacher": _means(accumulators["teacher_lidar"])},
-        "ms_per_frame": {"student_onnxruntime": _median(timings["student"]), "teacher": _median(timings["teacher"])},
+        "method": config.kd.method, "topics": topics.__dict__, "size": list(config.data.size),
+        "held_out_frames": len(frames), "holdout_every": config.data.holdout_every,
+        "train_steps": config.train.steps,
+        "students": {name: {"file": str(path), **scores[name].result(topics.lidar is not None)}
+                     for name, path in students.items()},
+        "teacher": {"spec": teacher, **scores["teacher"].result(topics.lidar is not None)},
         "pictures": [str(path.relative_to(out)) for path in pictures],
     }  # fmt: skip
+    del results["teacher"]["agreement"]  # the teacher against itself
     (out / "report.json").write_text(json.dumps(results, indent=2) + "\n")
     path = out / "report.md"
     path.write_text(render_markdown(results))
     return path
 
 
-def _timed(into: list[float], call, *args):
-    start = time.perf_counter()
-    result = call(*args)
-    into.append((time.perf_counter() - start) * 1e3)
-    return result
+class _Scores:
+    """One model's metrics against the teacher and the LiDAR, and its ms per frame."""
 
+    def __init__(self, depth_range: tuple[float, float]) -> None:
+        bounds = {"min_depth": depth_range[0], "max_depth": depth_range[1]}
+        self.agreement, self.lidar = MetricAccumulator(**bounds), MetricAccumulator(**bounds)
+        self.milliseconds: list[float] = []
 
-def _median(milliseconds: list[float]) -> float:
-    """Median ms, the first call (session warm-up) left out when there are others."""
-    return float(statistics.median(milliseconds[1:] or milliseconds))
+    def timed(self, call, *args):
+        start = time.perf_counter()
+        result = call(*args)
+        self.milliseconds.append((time.perf_counter() - start) * 1e3)
+        return result
+
+    def update(self, depth: np.ndarray, teacher: np.ndarray, lidar: np.ndarray | None) -> None:
+        self.agreement.update(depth, teacher)
+        if lidar is not None:
+            self.lidar.update(depth, lidar)
+
+    def result(self, has_lidar: bool) -> dict[str, Any]:
+        """agreement and lidar (AbsRel, RMSE m, δ1, frames; None without reference pixels) and ms_per_frame (the
+        median, the first call, a session warm-up, left out when there are others)."""
+        return {"agreement": _means(self.agreement), "lidar": _means(self.lidar) if has_lidar else None,
+                "ms_per_frame": float(statistics.median(self.milliseconds[1:] or self.milliseconds))}  # fmt: skip
 
 
 def _teacher_depth(raw: np.ndarray, kind: str, student: np.ndarray, lidar: np.ndarray | None,
@@ -149,46 +160,43 @@ def _draw(path: Path, rgb: np.ndarray, teacher: np.ndarray, student: np.ndarray,
     return write_png(path, mosaic([top, bottom]))
 
 
-def _row(name: str, metrics: dict[str, float] | None) -> str:
+def _cells(metrics: dict[str, float] | None) -> str:
     if metrics is None:
-        return f"| {name} | no reference pixels | | | |"
-    return (f"| {name} | {metrics['abs_rel']:.3f} | {metrics['rmse']:.2f} | {metrics['d1']:.3f} | "
-            f"{metrics['frames']} |")  # fmt: skip
+        return "– | – | – "
+    return f"{metrics['abs_rel']:.3f} | {metrics['rmse']:.2f} | {metrics['d1']:.3f} "
 
 
 def render_markdown(results: dict[str, Any]) -> str:
     """report.md from the report's results (the same numbers as report.json)."""
-    topics, speed = results["topics"], results["ms_per_frame"]
+    topics, students, teacher = results["topics"], results["students"], results["teacher"]
+    lidar = topics["lidar"] is not None
+    header = "| model | ms/frame | vs teacher: AbsRel | RMSE (m) | δ1 |" + (
+        " vs LiDAR: AbsRel | RMSE (m) | δ1 |" * lidar
+    )
+    rows = [
+        f"| student {name} (`{Path(student['file']).name}`, ONNX Runtime) | {student['ms_per_frame']:.1f} | "
+        + _cells(student["agreement"])
+        + ("| " + _cells(student["lidar"]) if lidar else "")
+        + "|"
+        for name, student in students.items()
+    ]
+    rows.append(f"| teacher | {teacher['ms_per_frame']:.1f} | – | – | – " + ("| " + _cells(teacher["lidar"]) if lidar
+                else "") + "|")  # fmt: skip
     lines = [
         "# distill fit report",
         "",
-        f"Student `{Path(results['student']).name}` ({results['size'][0]}x{results['size'][1]}), distilled from "
-        f"`{results['teacher']}` by `kd.method={results['method']}` on `{topics['image']}`"
-        + (f" with the LiDAR `{topics['lidar']}` as sparse labels." if topics["lidar"] else " (no LiDAR)."),
-        f"Measured on {results['held_out_frames']} held-out frames (every {results['holdout_every']}th, never "
-        "trained on).",
+        f"Student ({results['size'][0]}x{results['size'][1]}) distilled from `{teacher['spec']}` by "
+        f"`kd.method={results['method']}` on `{topics['image']}`"
+        + (f", with the LiDAR `{topics['lidar']}` as sparse labels." if lidar else " (no LiDAR in the bags)."),
+        f"Measured on {results['held_out_frames']} held-out frames (every {results['holdout_every']}th frame, never "
+        "trained or calibrated on), one frame at a time on this machine. A relative teacher is aligned per frame.",
         "",
-        "## Agreement",
+        header,
+        "| --- " * header.count("|", 1) + "|",
+        *rows,
         "",
-        "| student against | AbsRel | RMSE (m) | δ1 | frames |",
-        "| --- | --- | --- | --- | --- |",
-        _row("teacher", results["agreement"]),
-    ]
-    if results["lidar"] is not None:
-        lines += [
-            _row("LiDAR", results["lidar"]["student"]),
-            _row("(teacher against LiDAR)", results["lidar"]["teacher"]),
-        ]
-    lines += [
-        "",
-        "## Speed (ms/frame, one frame at a time on this machine)",
-        "",
-        "| model | ms/frame |",
-        "| --- | --- |",
-        f"| student, ONNX Runtime | {speed['student_onnxruntime']:.1f} |",
-        f"| teacher | {speed['teacher']:.1f} |",
-        "",
-        "## Pictures",
+        "Top: image, teacher" + (", LiDAR" * lidar) + "; bottom: student, its error against the teacher"
+        + (", against the LiDAR" * lidar) + ":",
         "",
     ]
     lines += [f"![held-out frame {number}]({picture})" for number, picture in enumerate(results["pictures"])]
