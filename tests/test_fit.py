@@ -14,6 +14,8 @@ from test_kd_tiekd import export_onnx_teacher
 
 from distill.cli import main as distill_main
 from distill.data.synth import write_world
+from distill.verbs.fit import scaled_size
+from distill.verbs.fit_report import render_markdown
 from distill.verbs.fit_topics import BagTopics, find_topics
 
 IMAGE_TOPIC = "/kitti/camera_color_left/image_raw"
@@ -87,6 +89,26 @@ def test_topics_are_found_by_type(tmp_path):
     path = write_bag(tmp_path / "log", "mcap")  # /cam/image, /cam/info, /velo: no kitti2bag names
     assert find_topics(path) == BagTopics("/cam/image", "/cam/info", "/velo")
     assert find_topics(path, lidar_topic="none") == BagTopics("/cam/image", "/cam/info", None)
+
+
+def test_default_size_keeps_the_aspect_at_most_640_wide():
+    assert scaled_size(375, 1242) == (192, 640)  # KITTI
+    assert scaled_size(720, 1280) == (352, 640)
+    assert scaled_size(480, 640) == (480, 640) and scaled_size(100, 300) == (96, 288)  # never scaled up
+
+
+def test_report_without_lidar_has_no_lidar_columns():
+    scores = {"agreement": {"abs_rel": 0.1234, "rmse": 1.5, "d1": 0.9, "frames": 4}, "lidar": None}
+    results = {
+        "method": "labelfree", "topics": {"image": "/cam", "camera_info": "/cam_info", "lidar": None},
+        "size": [96, 320], "held_out_frames": 4, "holdout_every": 10, "train_steps": 20,
+        "students": {"fp32": {"file": "/fit/student.onnx", "ms_per_frame": 12.34, **scores}},
+        "teacher": {"spec": "onnx:t.onnx", "lidar": None, "ms_per_frame": 99.0}, "pictures": ["pictures/a.png"],
+    }  # fmt: skip
+    markdown = render_markdown(results)
+    assert "| student fp32 (`student.onnx`, ONNX Runtime) | 12.3 | 0.123 | 1.50 | 0.900 |" in markdown
+    assert "| teacher | 99.0 | – | – | – |" in markdown and "LiDAR" not in markdown.replace("no LiDAR", "")
+    assert "![held-out frame 0](pictures/a.png)" in markdown
 
 
 @pytest.mark.parametrize(

@@ -164,29 +164,31 @@ class LabelFreeMethod(DistillMethod):
     def __init__(self, student: DepthModel, teacher: DepthModel, config: Config, phi: nn.Module) -> None:
         super().__init__(student, teacher, config)
         self.cfg = kd_section(config, "labelfree")
-        self.config_train = config.train
         self.phi = phi
 
     def loss(self, batch: Batch, out: DepthOutput, step: int) -> dict[str, torch.Tensor]:
         cfg, student = self.cfg, out.depth.float()
+        lidar = {"lidar": cfg.lidar_weight * self.lidar_loss(batch, student)} if cfg.lidar_weight > 0 else {}
         teacher, valid = self.teacher_depth(batch, student.detach())
         has_pixels = valid.flatten(1).any(dim=1)  # frames where the teacher gives nothing teach nothing
         if not has_pixels.any():
-            return {"channel": student.sum() * 0.0, "geometric": student.sum() * 0.0}
+            return {"channel": student.sum() * 0.0, "geometric": student.sum() * 0.0, **lidar}
         student, teacher, valid = student[has_pixels], teacher[has_pixels], valid[has_pixels]
         channel = channel_wise_loss(median_normalise(student, valid), median_normalise(teacher, valid), valid, cfg.tau)
         index = sample_pixels(valid, cfg.points)
         with torch.autocast(student.device.type, enabled=False):  # phi's features compared in float32 under AMP
             points, features = geometric_loss(student, teacher, batch["K"][has_pixels], index, self.phi)
-        terms = {"channel": cfg.channel_weight * channel, "geometric": cfg.geometric_weight * (points + features)}
-        if cfg.lidar_weight > 0:
-            terms["lidar"] = cfg.lidar_weight * self.lidar_loss(batch, out.depth.float())
-        return terms
+        return {
+            "channel": cfg.channel_weight * channel,
+            "geometric": cfg.geometric_weight * (points + features),
+            **lidar,
+        }
 
     def lidar_loss(self, batch: Batch, student: torch.Tensor) -> torch.Tensor:
-        """SILog of the (B, 1, H, W) student depth on the projected LiDAR points (0 where a frame has none)."""
-        sparse, train = batch["sparse_depth"], self.config_train
-        return silog_loss(student, sparse, sparse > 0, train.silog_alpha, train.silog_lambda)
+        """SILog (train.silog_alpha, train.silog_lambda) of the (B, 1, H, W) student depth on the projected LiDAR
+        points; 0 when no frame of the batch has one."""
+        sparse = batch["sparse_depth"]
+        return silog_loss(student, sparse, sparse > 0, self.alpha, self.lam)
 
 
 @register_method("labelfree", settings=LabelFreeSettings)

@@ -123,7 +123,11 @@ def default_size(bag: Path, topics: BagTopics) -> tuple[int, int]:
     found = camera_size(bag, topics.camera_info)
     if found is None:
         raise UserError(f"no valid CameraInfo on {topics.camera_info} in {bag}; give --size HxW")
-    height, width = found
+    return scaled_size(*found)
+
+
+def scaled_size(height: int, width: int) -> tuple[int, int]:
+    """(H, W) pixels scaled (never up) to at most MAX_WIDTH wide, each side rounded to a multiple of SIZE_MULTIPLE."""
     scale = min(1.0, MAX_WIDTH / width)
     return tuple(max(SIZE_MULTIPLE, round(side * scale / SIZE_MULTIPLE) * SIZE_MULTIPLE) for side in (height, width))
 

@@ -195,8 +195,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         "| --- " * header.count("|", 1) + "|",
         *rows,
         "",
-        "Top: image, teacher" + (", LiDAR" * lidar) + "; bottom: student, its error against the teacher"
-        + (", against the LiDAR" * lidar) + ":",
+        f"Top: image, teacher{', LiDAR' * lidar}; bottom: student, its error against the teacher"
+        f"{', against the LiDAR' * lidar}:",
         "",
     ]
     lines += [f"![held-out frame {number}]({picture})" for number, picture in enumerate(results["pictures"])]
