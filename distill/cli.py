@@ -52,7 +52,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     run_export(
         args.checkpoint, out=args.out, formats=args.format, size=args.size, dynamic=args.dynamic, fp16=args.fp16,
         int8=args.int8, calib=args.calib, opset=args.opset, arch=args.arch, random_init=args.random_init,
-        force=args.force,
+        config=args.config, calib_method=args.calib_method, force=args.force,
     )  # fmt: skip
     return 0
 
@@ -77,6 +77,19 @@ def cmd_viz(args: argparse.Namespace) -> int:
     run_viz(
         args.source, model=args.model, out=args.out, max_frames=args.max_frames, colormap=args.colormap,
         depth_topic=args.depth_topic, image_topic=args.image_topic, hfov=args.hfov, points_stride=args.points_stride,
+    )  # fmt: skip
+    return 0
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from distill.verbs.fit import run_fit
+
+    overrides = [item for item in args.inputs if "=" in item]
+    bags = [Path(item) for item in args.inputs if "=" not in item and item != "resume"]
+    run_fit(
+        bags, teacher=args.teacher, out=args.out, overrides=overrides, image_topic=args.image_topic,
+        lidar_topic=args.lidar_topic, size=args.size, steps=args.steps, int8=args.int8,
+        resume=args.resume or "resume" in args.inputs,
     )  # fmt: skip
     return 0
 
@@ -128,13 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--dynamic", action="store_true", help="dynamic batch/height/width (traced at --size rounded up to a multiple)"
     )
-    export.add_argument("--fp16", action="store_true")
-    export.add_argument("--int8", action="store_true")
+    export.add_argument("--fp16", action="store_true", help="also write <name>_fp16.onnx (GPU providers); FP16 engine")
+    export.add_argument(
+        "--int8", action="store_true", help="also write <name>_int8.onnx (static QDQ, needs --calib); INT8 engine"
+    )
     export.add_argument(
         "--calib", type=Path, default=None, help="images/dataset/bag: the parity check's inputs, and INT8 calibration"
     )
+    export.add_argument(
+        "--calib-method", default=None, help="ONNX INT8 calibration: minmax | entropy | percentile (default: minmax)"
+    )
     export.add_argument("--opset", type=int, default=17)
     export.add_argument("--arch", default=None, help="with --random-init: student architecture")
+    export.add_argument("--config", type=Path, default=None, help="with --random-init: training config (its model:)")
     export.add_argument("--random-init", action="store_true", help="export an untrained student (tests, benchmarks)")
     export.add_argument("--force", action="store_true", help="replace an earlier export of the same name in --out")
     export.set_defaults(func=cmd_export)
@@ -154,6 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--runs", type=int, default=50)
     bench.add_argument("--threads", type=int, default=None, help="CPU inference threads (default: ONNX Runtime's)")
     bench.set_defaults(func=cmd_bench)
+    fit = verbs.add_parser("fit", help="bags -> cached teacher -> trained student -> ONNX + report, in one command")
+    fit.add_argument("inputs", nargs="+", metavar="BAG", help="rosbags, then key=value overrides (and `resume`)")
+    fit.add_argument("--teacher", required=True, help="teacher spec (onnx:, hf:, timm: ...) or checkpoint folder")
+    fit.add_argument("--out", type=Path, required=True, help="the fit's folder: cache, run, ONNX, report.md")
+    fit.add_argument("--image-topic", default=None, help="camera topic (default: the bag's camera)")
+    fit.add_argument("--lidar-topic", default=None, help="PointCloud2 topic or none (default: the bag's LiDAR)")
+    fit.add_argument("--size", type=size_argument, default=None, help="HEIGHTxWIDTH (default: camera, <= 640 wide)")
+    fit.add_argument("--steps", type=int, default=None, help="optimiser steps (default: train.epochs of the config)")
+    fit.add_argument("--int8", action="store_true", help="also export INT8, calibrated on the training frames")
+    fit.add_argument("--resume", action="store_true", help="continue an interrupted fit in --out")
+    fit.set_defaults(func=cmd_fit)
     viz = verbs.add_parser("viz", help="colourised depth/error PNGs, point-cloud PLY + preview from a model or a bag")
     viz.add_argument("source", type=Path, help="image file/folder, dataset (config YAML or KITTI folder), or bag")
     viz.add_argument("--model", type=Path, default=None, help="exported .onnx/.engine or checkpoint/run (not for bags)")
@@ -169,7 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.verb != "fit" or any(item.startswith("-") for item in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:  # `distill fit BAG --teacher T --out DIR key=value`: positionals after the options
+        args.inputs += extra
     try:
         return args.func(args)
     except UserError as error:

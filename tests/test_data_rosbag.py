@@ -20,7 +20,14 @@ from torch.utils.data import DataLoader
 from depth_node.codec import pointcloud2_to_xyz
 from distill.config import load_data_config
 from distill.data import build_dataset
-from distill.data.rosbag import DEFAULT_TOPICS, BagDataset, lookup_transform, transform_to_matrix
+from distill.data.rosbag import (
+    DEFAULT_TOPICS,
+    BagDataset,
+    bag_topics,
+    camera_size,
+    lookup_transform,
+    transform_to_matrix,
+)
 from distill.data.samples import read_depth_png, read_rgb
 from distill.errors import UserError
 
@@ -286,3 +293,18 @@ def test_tf_helpers():
 def test_bag_kind_defaults_are_the_readers_topics():
     data = load_data_config({"kind": "bag", "bags": ["a.bag"]})
     assert {key: getattr(data, key) for key in DEFAULT_TOPICS} == DEFAULT_TOPICS
+
+
+def test_holdout_every_splits_the_frames_and_metadata_helpers(tmp_path):
+    path = write_bag(tmp_path / "log", "mcap")
+    topics = {"image_topic": "/cam/image", "camera_info_topic": "/cam/info", "lidar_topic": "/velo"}
+    data = load_data_config({"kind": "bag", "bags": [str(path)], "holdout_every": 2, **topics})
+    train, held_out = (build_dataset(data, split, augment=False) for split in ("train", "test"))
+    names = [[sample["meta"]["name"] for sample in split] for split in (train, held_out)]
+    every = [sample["meta"]["name"] for sample in small_dataset(path)]  # the first image has no CameraInfo yet
+    assert names == [every[0::2], every[1::2]] and len(every) == 2
+    with pytest.raises(UserError, match="holdout_every=3: the bags have 2 frames"):
+        build_dataset(load_data_config({**data.model_dump(), "holdout_every": 3}), "test", augment=False)
+    assert bag_topics(path)["/cam/image"] == ("sensor_msgs/Image", 3)
+    assert bag_topics(path)["/velo"] == ("sensor_msgs/PointCloud2", 2)
+    assert camera_size(path, "/cam/info") == (HEIGHT, WIDTH) and camera_size(path, "/velo") is None

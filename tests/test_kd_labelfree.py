@@ -14,6 +14,7 @@ from test_kd_tiekd import export_onnx_teacher
 from depth_node.geometry import backproject
 from distill.cli import main as distill_main
 from distill.config import load_config
+from distill.errors import UserError
 from distill.kd.labelfree import (
     PointNetFeatures,
     backproject_pixels,
@@ -24,6 +25,7 @@ from distill.kd.labelfree import (
     sample_pixels,
 )
 from distill.kd.registry import build_method
+from distill.losses import silog_loss
 from distill.models import build_student
 from distill.models.base import DepthOutput
 from distill.models.teachers.precomputed import write_precomputed
@@ -135,3 +137,24 @@ def test_labelfree_trains_from_a_synthetic_rosbag(tmp_path, capsys):
     assert all(math.isfinite(float(row["loss"])) for row in rows)
     assert (run_dir / "last" / "model.safetensors").is_file() and not (run_dir / "val.csv").exists()
     assert "done:" in capsys.readouterr().out
+
+
+def test_lidar_points_supervise_as_sparse_labels_when_weighted(tmp_path):
+    depth = torch.linspace(2.0, 40.0, 64).view(1, 1, 8, 8).expand(2, 1, 8, 8).clone()
+    write_precomputed(tmp_path / "cache", ["a", "b"], depth, "metric")
+    common = ["kd.method=labelfree", f"teacher.spec=precomputed:{tmp_path / 'cache'}", "kd.labelfree.points=32",
+              "kd.labelfree.lidar_weight=0.5"]  # fmt: skip
+    config = load_config(None, ["data.kind=bag", "data.bags=[log.mcap]", *common], check_paths=False)
+    method = build_method(config, build_student("resnet18", bins=4, decoder_width=8), torch.device("cpu"))
+    sparse = torch.zeros(2, 1, 8, 8)
+    sparse[:, :, 2, 3], sparse[:, :, 6, 1] = 5.0, 20.0
+    batch = {"image": torch.rand(2, 3, 8, 8), "K": K.expand(2, 3, 3), "depth": torch.zeros(2, 1, 8, 8),
+             "sparse_depth": sparse, "meta": {"name": ["a", "b"], "hflip": torch.tensor([False, False])}}  # fmt: skip
+    student = torch.full((2, 1, 8, 8), 10.0)
+    terms = method.loss(batch, DepthOutput(depth=student), step=0)
+    expected = 0.5 * silog_loss(student, sparse, sparse > 0, config.train.silog_alpha, config.train.silog_lambda)
+    assert set(terms) == {"channel", "geometric", "lidar"}
+    assert float(terms["lidar"]) == pytest.approx(float(expected)) and float(terms["lidar"]) > 0.1
+    without_lidar = load_config(None, common)  # kitti without lidar_beams: no points to supervise with
+    with pytest.raises(UserError, match="lidar_weight=0.5 needs LiDAR points"):
+        build_method(without_lidar, build_student("resnet18", bins=4, decoder_width=8), torch.device("cpu"))

@@ -138,6 +138,33 @@ def _open(path: Path) -> AnyReader:
     return reader
 
 
+def bag_topics(path: Path) -> dict[str, tuple[str, int]]:
+    """Every topic of a bag from its metadata (no message is read): topic -> (type as "pkg/Type", message count)."""
+    reader = _open(Path(path))
+    try:
+        topics = sorted(reader.topics.items())
+        return {name: (info.msgtype.replace("/msg/", "/"), info.msgcount) for name, info in topics}
+    finally:
+        reader.close()
+
+
+def camera_size(path: Path, camera_info_topic: str) -> tuple[int, int] | None:
+    """(height, width) pixels of the first valid CameraInfo on a topic of a bag (None: none there)."""
+    reader = _open(Path(path))
+    try:
+        connections = [c for c in reader.connections if c.topic == camera_info_topic and "CameraInfo" in c.msgtype]
+        for connection, _, raw in _UntilDamage(reader.messages(connections) if connections else iter(())):
+            msg = ros2_camera_info(reader.deserialize(raw, connection.msgtype))
+            try:
+                validate_camera_info(msg)
+            except ValueError:
+                continue
+            return int(msg.height), int(msg.width)
+        return None
+    finally:
+        reader.close()
+
+
 class BagDataset(Dataset):
     """Camera frames of one or more bags, unlabeled, with optional projected LiDAR (`sparse_depth`).
 

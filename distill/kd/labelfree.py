@@ -16,8 +16,11 @@ to the student's detached prediction per image.
 
 Trains straight from rosbag2 / ROS 1 bags: `distill train config/labelfree_bag.yaml data.bags='[a.mcap, b]'`.
 
+With `lidar_weight` > 0 (ours), a bag's projected LiDAR (`batch["sparse_depth"]`, data.lidar_topic) also supervises
+the student as sparse labels: lidar_weight * SILog(student, LiDAR) on the pixels a point hits.
+
 Config (`kd.labelfree`): tau, channel_weight, geometric_weight, points (N), pointnet_weights (path|null),
-pointnet_seed (int).
+pointnet_seed (int), lidar_weight.
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ from pydantic import Field
 from torch import nn
 
 from distill.config import Config, Section
+from distill.errors import UserError
 from distill.kd.method import Batch, Method
 from distill.kd.registry import kd_section, register_method
 from distill.kd.teacher import DistillMethod
+from distill.losses import silog_loss
 from distill.models.base import DepthModel, DepthOutput
 
 MASKED_LOGIT = -1e9  # logit of pixels outside the mask: zero probability, finite log
@@ -48,6 +53,7 @@ class LabelFreeSettings(Section):
     points: Annotated[int, Field(ge=1)] = 4096
     pointnet_weights: Path | None = None
     pointnet_seed: int = 0
+    lidar_weight: Annotated[float, Field(ge=0)] = 0.0
 
 
 def median_normalise(depth: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -162,19 +168,36 @@ class LabelFreeMethod(DistillMethod):
 
     def loss(self, batch: Batch, out: DepthOutput, step: int) -> dict[str, torch.Tensor]:
         cfg, student = self.cfg, out.depth.float()
+        lidar = {"lidar": cfg.lidar_weight * self.lidar_loss(batch, student)} if cfg.lidar_weight > 0 else {}
         teacher, valid = self.teacher_depth(batch, student.detach())
         has_pixels = valid.flatten(1).any(dim=1)  # frames where the teacher gives nothing teach nothing
         if not has_pixels.any():
-            return {"channel": student.sum() * 0.0, "geometric": student.sum() * 0.0}
+            return {"channel": student.sum() * 0.0, "geometric": student.sum() * 0.0, **lidar}
         student, teacher, valid = student[has_pixels], teacher[has_pixels], valid[has_pixels]
         channel = channel_wise_loss(median_normalise(student, valid), median_normalise(teacher, valid), valid, cfg.tau)
         index = sample_pixels(valid, cfg.points)
         with torch.autocast(student.device.type, enabled=False):  # phi's features compared in float32 under AMP
             points, features = geometric_loss(student, teacher, batch["K"][has_pixels], index, self.phi)
-        return {"channel": cfg.channel_weight * channel, "geometric": cfg.geometric_weight * (points + features)}
+        return {
+            "channel": cfg.channel_weight * channel,
+            "geometric": cfg.geometric_weight * (points + features),
+            **lidar,
+        }
+
+    def lidar_loss(self, batch: Batch, student: torch.Tensor) -> torch.Tensor:
+        """SILog (train.silog_alpha, train.silog_lambda) of the (B, 1, H, W) student depth on the projected LiDAR
+        points; 0 when no frame of the batch has one."""
+        sparse = batch["sparse_depth"]
+        return silog_loss(student, sparse, sparse > 0, self.alpha, self.lam)
 
 
 @register_method("labelfree", settings=LabelFreeSettings)
 def build_labelfree(student: DepthModel, teacher: DepthModel, config: Config, settings: Section) -> Method:
     """`kd.method: labelfree`: phi (the PointNet) is built after the teacher, from its weights file or seed."""
+    has_lidar = getattr(config.data, "lidar_topic", None) or getattr(config.data, "lidar_beams", None)
+    if settings.lidar_weight > 0 and not has_lidar:
+        raise UserError(
+            f"kd.labelfree.lidar_weight={settings.lidar_weight} needs LiDAR points: set data.lidar_topic (bags) "
+            "or data.lidar_beams (kitti)"
+        )
     return LabelFreeMethod(student, teacher, config, build_pointnet(settings.pointnet_weights, settings.pointnet_seed))
