@@ -22,6 +22,7 @@ from depth_node.alignment import Alignment, AlignmentPrior, align_depth, apply_a
 from depth_node.codec import PackedCloud, empty_cloud, set_cloud_colours
 from depth_node.engine import DepthEngine, open_engine
 from depth_node.geometry import backproject, lidar_to_depth
+from depth_node.image_codec import message_array
 from depth_node.parallel import parallel_map, row_bands
 from depth_node.params import lidar_to_camera_matrix
 
@@ -188,7 +189,9 @@ class DepthPipeline:
             want_points: build the cloud (with options.publish_points); False when nobody listens to it.
             want_confidence: produce the confidence map (models with bins); False when nobody listens to it.
         """
-        result = self.engine.infer(rgb, confidence=want_confidence)
+        # Depth straight into a message buffer: the node publishes it without copying it again.
+        out = message_array(rgb.shape[:2], np.float32)[1] if isinstance(rgb, np.ndarray) and rgb.ndim == 3 else None
+        result = self.engine.infer(rgb, confidence=want_confidence, depth_out=out)
         timings = dict(result.timings)
         depth = result.depth  # the engine's own copy: marked in place
         raw = apply_rep117(depth, self.min_depth, self.max_depth, out=depth) if self.model_metric else depth
