@@ -18,8 +18,8 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 CORES = os.cpu_count() or 1
-# Three, a colour image's planes, also on two cores: three planes on two threads take two rounds, on three threads
-# the OS shares the two cores between them (1.9x instead of 1.5x faster than one thread for a KITTI-size resize).
+# Three, a colour image's planes, also on two cores: three planes on two threads take two rounds (1.5x at best), on
+# three the OS shares the two cores between them (a KITTI-size INTER_AREA resize measured 1.9x faster than one thread).
 WORKERS = 3 if CORES > 1 else 1
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
