@@ -162,20 +162,6 @@ def test_preprocess_normalises_and_pads_with_the_mean():
     np.testing.assert_allclose(content[0], (resized[..., 0] / 255 - MEAN[0]) / STD[0], atol=1e-5)
 
 
-@pytest.mark.parametrize(("image_size", "input_size"), [((375, 1242), (176, 608)), ((30, 90), (64, 128))])
-def test_preprocess_per_plane_is_bit_identical_to_one_colour_resize(image_size, input_size):
-    """The planes resized on their own threads are the very bits of one 3-channel cv2.resize, normalised."""
-    image = np.random.default_rng(0).integers(0, 256, (*image_size, 3), dtype=np.uint8)
-    geometry = plan_input(image_size, input_size, "stretch")
-    shrinking = input_size[0] * input_size[1] < image_size[0] * image_size[1]
-    method = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-    resized = cv2.resize(image, input_size[::-1], interpolation=method)
-    scale = 1.0 / (255.0 * np.asarray(STD, np.float32))
-    offset = -np.asarray(MEAN, np.float32) / np.asarray(STD, np.float32)
-    expected = np.stack([resized[..., c] * scale[c] + offset[c] for c in range(3)])[None]
-    assert preprocess(image, geometry, MEAN, STD).tobytes() == expected.astype(np.float32).tobytes()
-
-
 def test_postprocess_writes_into_the_given_buffer(tmp_path):
     engine = open_engine(write_model(tmp_path / "m.onnx"), backend="onnxruntime-cpu")
     image = smooth_image(75, 250)

@@ -22,7 +22,6 @@ from depth_node.codec import (
 )
 from depth_node.geometry import backproject, lidar_to_depth, points_to_depth_image, project_points, transform_points
 from depth_node.image_codec import compressed_to_numpy, image_to_numpy, to_rgb
-from depth_node.parallel import row_bands
 
 RNG = np.random.default_rng(0)
 P_MONO = np.array([[721.5377, 0.0, 609.5593, 0.0], [0.0, 721.5377, 172.854, 0.0], [0.0, 0.0, 1.0, 0.0]])
@@ -271,17 +270,3 @@ def test_real_kitti_bag_decodes_end_to_end(kitti_bag: dict) -> None:
     assert both.sum() > 5000
     # The ground truth is motion-compensated and accumulated, a plain projection is not: compare with a tolerance.
     assert np.mean(np.abs(sparse[both] - truth[both]) < 0.3) > 0.85
-
-
-def test_backproject_in_row_bands_covers_every_row_once() -> None:
-    """The bands the back-projection runs on split the rows exactly; the cloud is the one-pass formula's bits."""
-    for rows in (1, 2, 3, 7, 375):
-        bands = row_bands(rows, parts=3)
-        assert [r for band in bands for r in range(rows)[band]] == list(range(rows))
-    depth = np.random.default_rng(0).uniform(0.5, 80, (375, 1242)).astype(np.float32)
-    depth[::7, ::5] = np.nan
-    P = np.array([[721.5377, 0, 609.5593, 0], [0, 721.5377, 172.854, 0], [0, 0, 1, 0]])
-    x_per_metre = ((np.arange(1242) - P[0, 2]) / P[0, 0]).astype(np.float32)
-    y_per_metre = ((np.arange(375) - P[1, 2]) / P[1, 1]).astype(np.float32)
-    expected = np.stack([depth * x_per_metre[None, :], depth * y_per_metre[:, None], depth], axis=-1)
-    assert backproject(depth, P).tobytes() == expected.tobytes()

@@ -12,8 +12,6 @@ from collections import defaultdict
 
 import numpy as np
 
-from depth_node.parallel import parallel_map, row_bands
-
 
 def transform_points(transform: np.ndarray, points: np.ndarray) -> np.ndarray:
     """Apply a 4x4 rigid transform. points: (N, 3) -> (N, 3) float64."""
@@ -124,19 +122,14 @@ def backproject(
     with np.errstate(over="ignore", invalid="ignore"):  # absurd-but-finite intrinsics give inf, not warnings
         x_per_metre = ((columns - cx) / fx).astype(np.float32)
         y_per_metre = ((rows - cy) / fy).astype(np.float32)
-    points = np.empty(depth.shape + (3,), dtype=np.float32) if out is None else out
-    if points.shape != depth.shape + (3,) or points.dtype != np.float32:
-        raise ValueError(f"out must be float32 {depth.shape + (3,)}, got {points.dtype} {points.shape}")
-
-    def band(rows: slice) -> None:  # elementwise: bands on their own threads give the same bits as one pass
-        with np.errstate(over="ignore", invalid="ignore"):  # per thread: numpy's error state is not inherited
-            z, band_depth = points[rows, :, 2], depth[rows]
-            z[...] = band_depth
-            z[~((band_depth > 0) & (band_depth < np.inf))] = np.nan  # NaN, +-Inf (REP 117) and <= 0: no point
-            np.multiply(z, x_per_metre[None, :], out=points[rows, :, 0])
-            np.multiply(z, y_per_metre[rows, None], out=points[rows, :, 1])
-
-    parallel_map(band, row_bands(depth.shape[0]))
+        points = np.empty(depth.shape + (3,), dtype=np.float32) if out is None else out
+        if points.shape != depth.shape + (3,) or points.dtype != np.float32:
+            raise ValueError(f"out must be float32 {depth.shape + (3,)}, got {points.dtype} {points.shape}")
+        z = points[..., 2]
+        z[...] = depth
+        z[~((depth > 0) & (depth < np.inf))] = np.nan  # NaN, +-Inf (REP 117) and <= 0: no point
+        np.multiply(z, x_per_metre[None, :], out=points[..., 0])
+        np.multiply(z, y_per_metre[:, None], out=points[..., 1])
     return points
 
 

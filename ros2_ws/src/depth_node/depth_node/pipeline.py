@@ -23,7 +23,6 @@ from depth_node.codec import PackedCloud, empty_cloud, set_cloud_colours
 from depth_node.engine import DepthEngine, open_engine
 from depth_node.geometry import backproject, lidar_to_depth
 from depth_node.image_codec import message_array
-from depth_node.parallel import parallel_map, row_bands
 from depth_node.params import lidar_to_camera_matrix
 
 # (rgb (H, W, 3) uint8, aligned depth (H, W) metres, sparse LiDAR depth (H, W) metres 0 = none) -> (H, W) metres.
@@ -112,15 +111,10 @@ def apply_rep117(depth: np.ndarray, min_depth: float, max_depth: float, out: np.
         out = np.array(depth, dtype=np.float32, copy=True)
     elif out is not depth:
         np.copyto(out, depth)
-
-    def band(rows: slice) -> None:  # elementwise: row bands on their own threads give the same bits as one pass
-        states = out[rows]
-        with np.errstate(invalid="ignore"):
-            states[~np.isfinite(states)] = np.nan
-            states[states >= max_depth * (1 - 1e-4)] = np.inf  # NaN compares False: stays NaN
-            states[states <= min_depth] = -np.inf
-
-    parallel_map(band, row_bands(out.shape[0]))
+    with np.errstate(invalid="ignore"):
+        out[~np.isfinite(out)] = np.nan
+        out[out >= max_depth * (1 - 1e-4)] = np.inf  # NaN compares False: stays NaN
+        out[out <= min_depth] = -np.inf
     return out
 
 
