@@ -11,7 +11,7 @@ Prints and writes (benchmarks/results/node_latency.json) the model's inference t
 measured inside the node at the nominal rate), end-to-end latency
 (publish -> last output received) p50/p99, the node's overhead beyond inference (its own per-stage timings from
 `diagnostics`: decode, preprocess, postprocess, cloud, publish), dropped frames, and the node's RSS growth under
-overload. Targets (2-core CPU): overhead p50 <= 15 ms; overload p99 <= 3x the model time and no memory growth.
+overload. Targets (2-core CPU): overhead p50 <= 5 ms; overload p99 <= 3x the model time and no memory growth.
 
 The node raises glibc's malloc thresholds at start (depth_node.memory), so received frames stop costing fresh pages.
 This process, which stands in for a camera driver and a consumer of /depth and /points on the same 2 cores, does the

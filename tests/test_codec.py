@@ -27,6 +27,7 @@ from depth_node.image_codec import (
     declared_size,
     image_msg_to_rgb,
     image_to_numpy,
+    message_array,
     numpy_to_image_fields,
     to_rgb,
 )
@@ -98,6 +99,17 @@ def test_stored_byte_layout_follows_the_encoding() -> None:
     fields = numpy_to_image_fields(np.zeros((2, 3), np.float32), "32FC1")
     assert (fields["step"], fields["is_bigendian"], len(fields["data"])) == (12, 0, 24)
     assert isinstance(fields["data"], array.array)
+
+
+def test_an_image_already_in_a_message_buffer_is_kept_not_copied() -> None:
+    buffer, depth = message_array((4, 5), np.float32)
+    depth[...] = RNG.uniform(1, 80, (4, 5))
+    assert numpy_to_image_fields(depth, "32FC1")["data"] is buffer
+    # anything else is copied into a buffer of its own: a part of one, its transpose, another byte order
+    for image, bigendian in ((depth[1:], False), (depth.T, False), (depth, True)):
+        assert numpy_to_image_fields(image, "32FC1", bigendian=bigendian)["data"] is not buffer
+    kept = numpy_to_image_fields(depth, "32FC1")
+    np.testing.assert_array_equal(image_to_numpy(SimpleNamespace(**kept)), depth)
 
 
 def test_data_as_bytes_array_or_list_of_ints_decodes_the_same() -> None:

@@ -162,6 +162,17 @@ def test_preprocess_normalises_and_pads_with_the_mean():
     np.testing.assert_allclose(content[0], (resized[..., 0] / 255 - MEAN[0]) / STD[0], atol=1e-5)
 
 
+def test_postprocess_writes_into_the_given_buffer(tmp_path):
+    engine = open_engine(write_model(tmp_path / "m.onnx"), backend="onnxruntime-cpu")
+    image = smooth_image(75, 250)
+    out = np.full((75, 250), -1.0, np.float32)
+    result = engine.infer(image, depth_out=out)
+    assert result.depth is out
+    np.testing.assert_array_equal(out, engine.infer(image).depth)
+    with pytest.raises(ValueError, match="out must be float32"):
+        engine.infer(image, depth_out=np.zeros((75, 249), np.float32))
+
+
 # --- engine ---------------------------------------------------------------------------------------------------------
 
 

@@ -115,15 +115,24 @@ def preprocess(image: np.ndarray, geometry: InputGeometry, mean, std) -> np.ndar
     return batch
 
 
-def postprocess(output: np.ndarray, geometry: InputGeometry, clamp: tuple[float, float] | None) -> np.ndarray:
-    """(h, w) network output map -> (H, W) float32 at the image resolution: padding cropped, bilinear, clamped."""
+def postprocess(
+    output: np.ndarray, geometry: InputGeometry, clamp: tuple[float, float] | None, out: np.ndarray | None = None
+) -> np.ndarray:
+    """(h, w) network output map -> (H, W) float32 at the image resolution: padding cropped, bilinear, clamped; into
+    `out` ((H, W) float32, e.g. a message buffer: image_codec.message_array) when given, else a new array."""
     top, left = geometry.top, geometry.left
     content = output[top : top + geometry.content_size[0], left : left + geometry.content_size[1]]
     height, width = geometry.image_size
+    if out is not None and (out.shape != (height, width) or out.dtype != np.float32):
+        raise ValueError(f"out must be float32 {(height, width)}, got {out.dtype} {out.shape}")
     if content.shape != (height, width):
-        content = cv2.resize(np.ascontiguousarray(content, np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
-    else:
+        content = np.ascontiguousarray(content, np.float32)
+        content = cv2.resize(content, (width, height), dst=out, interpolation=cv2.INTER_LINEAR)
+    elif out is None:
         content = np.array(content, np.float32)  # the caller's own copy, not a view of the network's buffer
+    else:
+        np.copyto(out, content)
+        content = out
     if clamp is not None:
         np.clip(content, *clamp, out=content)
     return content
@@ -248,10 +257,11 @@ class DepthEngine:
                     self._geometry = plan_input(image_size, target, self.resize)
         return self._geometry
 
-    def infer(self, image_rgb: np.ndarray, confidence: bool = True) -> EngineResult:
+    def infer(self, image_rgb: np.ndarray, confidence: bool = True, depth_out=None) -> EngineResult:
         """Depth for one (H, W, 3) uint8 RGB image; see `EngineResult` for what comes back.
 
         confidence: resize the model's confidence map too (False: `EngineResult.confidence` is None).
+        depth_out: (H, W) float32 array to write `EngineResult.depth` into (the node's outgoing message buffer).
         """
         start = time.perf_counter()
         _check_image(image_rgb)
@@ -262,7 +272,7 @@ class DepthEngine:
         done = time.perf_counter()
         meta = self.metadata
         depth_range = (meta.min_depth, meta.max_depth) if meta.output_kind == "metric" else None
-        depth = postprocess(outputs["depth"][0, 0], geometry, depth_range)
+        depth = postprocess(outputs["depth"][0, 0], geometry, depth_range, out=depth_out)
         confidence_map = None
         if confidence and "confidence" in outputs:
             confidence_map = postprocess(outputs["confidence"][0, 0], geometry, (0.0, 1.0))

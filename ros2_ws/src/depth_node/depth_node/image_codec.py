@@ -98,6 +98,18 @@ def message_array(shape: tuple[int, ...], dtype: np.dtype | str) -> tuple[array.
     return buffer, np.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
+def message_buffer(view: np.ndarray) -> array.array | None:
+    """The array.array('B') whose bytes `view` covers exactly and in order (a message_array view), or None."""
+    owner = view
+    while isinstance(owner, np.ndarray):
+        owner = owner.base
+    owner = owner.obj if isinstance(owner, memoryview) else owner
+    if not (isinstance(owner, array.array) and owner.typecode == "B" and view.flags.c_contiguous):
+        return None
+    address, length = owner.buffer_info()
+    return owner if (view.ctypes.data, view.nbytes) == (address, length) else None
+
+
 def new_message(message_type: type, data: array.array, **fields: Any) -> Any:
     """message_type(**fields) with `data` attached without a copy.
 
@@ -265,7 +277,8 @@ def numpy_to_image_fields(image: np.ndarray, encoding: str, bigendian: bool = Fa
 
     Returns:
         dict(height, width, encoding, is_bigendian, step, data) with no row padding; data is array.array('B'):
-        build the message with new_message(Image, header=..., **fields) to keep it without a copy.
+        build the message with new_message(Image, header=..., **fields) to keep it without a copy. When `image` is
+        a whole message_array view already stored as the encoding says, data is that buffer itself (no copy).
     """
     spec = _lookup(encoding)
     if spec.order == "cv2":
@@ -284,8 +297,13 @@ def numpy_to_image_fields(image: np.ndarray, encoding: str, bigendian: bool = Fa
             image = np.concatenate([image.astype(dtype, copy=False), opaque], axis=2)
         if spec.order == "bgr":
             image = image[..., [2, 1, 0, 3][: spec.channels]]
-    data, stored = message_array(image.shape, dtype.newbyteorder(">" if bigendian else "<"))
-    stored[...] = image
+    stored_dtype = dtype.newbyteorder(">" if bigendian else "<")
+    data = message_buffer(image) if image.dtype == stored_dtype else None
+    if data is not None:  # already in a message buffer in this very layout (the node's depth): kept, not copied
+        stored = image
+    else:
+        data, stored = message_array(image.shape, stored_dtype)
+        stored[...] = image
     height, width = stored.shape[:2]
     return {
         "height": height,

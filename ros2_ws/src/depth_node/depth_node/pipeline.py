@@ -22,6 +22,7 @@ from depth_node.alignment import Alignment, AlignmentPrior, align_depth, apply_a
 from depth_node.codec import PackedCloud, empty_cloud, set_cloud_colours
 from depth_node.engine import DepthEngine, open_engine
 from depth_node.geometry import backproject, lidar_to_depth
+from depth_node.image_codec import message_array
 from depth_node.params import lidar_to_camera_matrix
 
 # (rgb (H, W, 3) uint8, aligned depth (H, W) metres, sparse LiDAR depth (H, W) metres 0 = none) -> (H, W) metres.
@@ -99,13 +100,17 @@ class FrameResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
-def apply_rep117(depth: np.ndarray, min_depth: float, max_depth: float) -> np.ndarray:
-    """Mark out-of-range pixels the REP 117 way. depth: (H, W) metres; a float32 copy is returned.
+def apply_rep117(depth: np.ndarray, min_depth: float, max_depth: float, out: np.ndarray | None = None) -> np.ndarray:
+    """Mark out-of-range pixels the REP 117 way. depth: (H, W) metres; returns a float32 copy, or `out` (H, W) float32
+    filled in place (it may be `depth` itself).
 
     Non-finite values become NaN (invalid). A model clamps to its range, so a prediction at max_depth means "at least
     max_depth" (sky): +Inf; at or below min_depth: -Inf.
     """
-    out = np.array(depth, dtype=np.float32, copy=True)
+    if out is None:
+        out = np.array(depth, dtype=np.float32, copy=True)
+    elif out is not depth:
+        np.copyto(out, depth)
     with np.errstate(invalid="ignore"):
         out[~np.isfinite(out)] = np.nan
         out[out >= max_depth * (1 - 1e-4)] = np.inf  # NaN compares False: stays NaN
@@ -178,9 +183,12 @@ class DepthPipeline:
             want_points: build the cloud (with options.publish_points); False when nobody listens to it.
             want_confidence: produce the confidence map (models with bins); False when nobody listens to it.
         """
-        result = self.engine.infer(rgb, confidence=want_confidence)
+        # Depth straight into a message buffer: the node publishes it without copying it again.
+        out = message_array(rgb.shape[:2], np.float32)[1] if isinstance(rgb, np.ndarray) and rgb.ndim == 3 else None
+        result = self.engine.infer(rgb, confidence=want_confidence, depth_out=out)
         timings = dict(result.timings)
-        raw = apply_rep117(result.depth, self.min_depth, self.max_depth) if self.model_metric else result.depth
+        depth = result.depth  # the engine's own copy: marked in place
+        raw = apply_rep117(depth, self.min_depth, self.max_depth, out=depth) if self.model_metric else depth
         frame = FrameResult(raw, self.model_metric, confidence=result.confidence, timings_ms=timings)
         if self.options.use_lidar:
             start = time.perf_counter()
