@@ -49,7 +49,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gain_runs beside this file, run as a script or imported
 
-from gain_runs import LABELLED_SPLIT, Job, make_world, run_folder, run_jobs, score, train, write_labelled_split
+from gain_runs import LABELLED_SPLIT, Job, make_worlds, run_folder, run_jobs, score, timed_train, write_labelled_split
 
 from distill.errors import UserError
 
@@ -130,10 +130,10 @@ class Bench:
 
     def make_worlds(self) -> None:
         s = self.setting
-        make_world(self.corpus, [(domain, frames, CORPUS_SEED) for domain, frames in s.corpus], s.size)
         frames = {"supervised": s.supervised_frames, "robot_logs": s.robot_frames}
-        for regime, domain in REGIMES.items():
-            make_world(self.worlds[regime], [(domain, frames[regime], 0)], s.size)
+        corpus = [(self.corpus, [(domain, count, CORPUS_SEED) for domain, count in s.corpus])]
+        targets = [(self.worlds[regime], [(domain, frames[regime], 0)]) for regime, domain in REGIMES.items()]
+        make_worlds([*corpus, *targets], s.size, s.workers if self.device == "cpu" else 1)
         self.frames["supervised"] = (_train_frames(self.worlds["supervised"]), 0)
         self.frames["robot_logs"] = write_labelled_split(self.worlds["robot_logs"], s.robot_labelled)
 
@@ -177,16 +177,11 @@ def _train_frames(world: Path) -> int:
 
 def build_teacher(bench: Bench) -> dict:
     """Train (or reuse) the teacher; its test metrics on each regime's world and its cost in seconds."""
-    job, cost_file = bench.teacher_job(), None
-    started = time.perf_counter()
-    run_dir = train(bench.cache, job)
-    cost_file = run_dir / "teacher_seconds.json"
-    if not cost_file.is_file():  # first build: record what it cost (training only, the worlds are cached apart)
-        cost_file.write_text(json.dumps(round(time.perf_counter() - started, 1)))
+    run_dir, cost = timed_train(bench.cache, bench.teacher_job())
     metrics = {regime: score(run_dir, world) for regime, world in bench.worlds.items()}
     s = bench.setting
     return {"spec": s.teacher_spec, "steps": s.teacher_steps, "train_frames": _train_frames(bench.corpus),
-            "metrics": metrics, "seconds": json.loads(cost_file.read_text())}  # fmt: skip
+            "metrics": metrics, "cost": cost}  # fmt: skip
 
 
 def mean_metrics(per_seed: list[dict]) -> dict[str, float]:
@@ -237,6 +232,15 @@ def summarise_diagnostics(results: dict[tuple[str, str, int], dict]) -> dict[str
     return out
 
 
+def row_cost(results: dict[tuple[str, str, int], dict]) -> dict[str, dict[str, float]]:
+    """Training cost per regime/row: mean wall and CPU seconds per run over the seeds."""
+    costs: dict[str, list[dict]] = {}
+    for (regime, row, _), result in results.items():
+        if "cost" in result:
+            costs.setdefault(f"{regime}/{row}", []).append(result["cost"])
+    return {name: {key: _mean([c[key] for c in runs]) for key in ("wall_s", "cpu_s")} for name, runs in costs.items()}
+
+
 def _mean(values: list[float | None]) -> float | None:
     kept = [v for v in values if v is not None]
     return round(sum(kept) / len(kept), 4) if kept else None
@@ -248,7 +252,7 @@ def run(setting: Setting, cache: Path, device: str, stage: str) -> dict | None:
     bench = Bench(setting, cache, device)
     bench.make_worlds()
     teacher = build_teacher(bench)
-    print(f"teacher: {teacher['seconds']} s to train; RMSE " + ", ".join(
+    print(f"teacher: {teacher['cost']} to train; RMSE " + ", ".join(
         f"{regime} {m['rmse']:.3f}" for regime, m in teacher["metrics"].items()))  # fmt: skip
     if stage == "teacher":
         return None
@@ -278,7 +282,8 @@ def run(setting: Setting, cache: Path, device: str, stage: str) -> dict | None:
               "protocol": "KITTI metrics, Garg crop, no alignment, depth 1e-3..80 m, test split of each regime's world",
               "worlds": {"teacher": f"corpus of {dict(setting.corpus)} seed {CORPUS_SEED}",
                          **{r: f"{d} seed 0" for r, d in REGIMES.items()}},
-              "teacher_seconds": teacher["seconds"], "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+              "teacher_cost": teacher["cost"], "row_cost": row_cost(results),
+              "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
     teacher = {key: teacher[key] for key in ("spec", "steps", "train_frames", "metrics")}
     return {"teacher": teacher, "regimes": regimes, "diagnostics": summarise_diagnostics(results), "config": config}
 

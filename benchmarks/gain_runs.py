@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -40,6 +41,18 @@ def make_world(folder: Path, parts: list[tuple[str, int, int]], size: tuple[int,
         write_corpus(folder, parts, size, bag="none")
         (folder / ".complete").touch()
     return folder
+
+
+def make_worlds(worlds: list[tuple[Path, list[tuple[str, int, int]]]], size: tuple[int, int], workers: int) -> None:
+    """`make_world` for each (folder, parts), in `workers` single-thread processes (rendering is CPU-bound numpy)."""
+    missing = [(folder, parts) for folder, parts in worlds if not (folder / ".complete").is_file()]
+    if workers <= 1 or len(missing) <= 1:
+        for folder, parts in missing:
+            make_world(folder, parts, size)
+        return
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_single_thread) as pool:
+        for future in [pool.submit(make_world, folder, parts, size) for folder, parts in missing]:
+            future.result()
 
 
 def write_labelled_split(world: Path, labelled: int) -> tuple[int, int]:
@@ -73,6 +86,18 @@ def train(cache: Path, job: Job) -> Path:
     return run_training(None, [*job.overrides, *where, *resume])
 
 
+def timed_train(cache: Path, job: Job) -> tuple[Path, dict[str, float]]:
+    """`train`, and the training's cost: wall and CPU seconds of this process (cost.json in the run folder, written
+    by the run that finished it; CPU seconds tell the single-thread cost on a loaded machine)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    run_dir = train(cache, job)
+    path = run_dir / "cost.json"
+    if not path.is_file():
+        cost = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+        path.write_text(json.dumps({key: round(value, 1) for key, value in cost.items()}))
+    return run_dir, json.loads(path.read_text())
+
+
 def score(run_dir: Path, world: Path) -> dict[str, float]:
     """Test-split metrics of a run's last checkpoint on `world`, cached in the run folder."""
     from distill.verbs.evaluate import run_eval
@@ -86,8 +111,8 @@ def score(run_dir: Path, world: Path) -> dict[str, float]:
 def run_job(cache: Path, job: Job) -> dict:
     """Train and score one job -> {"metrics": ..., "diagnostics"?: ...}, or {"status": "failed", "reason": ...}."""
     try:
-        run_dir = train(cache, job)
-        result = {"metrics": score(run_dir, Path(job.world)), "run": str(run_dir)}
+        run_dir, cost = timed_train(cache, job)
+        result = {"metrics": score(run_dir, Path(job.world)), "run": str(run_dir), "cost": cost}
         if job.diagnose:
             result["diagnostics"] = diagnostics(run_dir)
     except Exception as error:  # one broken method must not cost the other rows
