@@ -21,14 +21,8 @@ from distill.config import load_config
 from distill.data.sampling import ResumableSampler, SeededDataset
 from distill.data.synth import write_world
 from distill.errors import UserError
-from distill.kd.disdepth import (
-    FAM,
-    LAM,
-    DisDepthMethod,
-    attentive_kd_loss,
-    kd_weights,
-    rms_normalize,
-)
+from distill.kd.disdepth import FAM, DisDepthMethod
+from distill.kd.disdepth_lam import LAM, attentive_kd_loss, kd_weights, rms_normalize
 from distill.kd.registry import build_method, resolve_kd
 from distill.models import build_student, build_teacher, load_model
 from distill.training.run import run_training
@@ -104,7 +98,7 @@ def test_attentive_loss_treats_teacher_and_weights_as_constants():
 
 
 def test_lam_scores_are_a_softmax_over_pixels_and_weight_the_feature():
-    lam = LAM(channels=1, dim=1)
+    lam = LAM(channels=1, dim=1, temperature=None)  # the unbounded scaled dot product
     feature = torch.tensor([[1.0, 1.0], [1.0, 3.0]]).view(1, 1, 2, 2)
     with torch.no_grad():
         lam.query.weight.fill_(1 / 1.5)  # query = mean (1.5) / 1.5 = 1, keys = the pixel values
@@ -224,7 +218,7 @@ def test_classic_feature_kd_switch_uses_connectors_without_a_ghost():
     assert set(method(batch, 1)[1]) == {"silog", "chamfer"}
     terms = method(batch, 2)[1]
     assert set(terms) == {"silog", "chamfer", "kd"} and terms["kd"].item() > 0
-    assert set(method.extra_tensors()) == {k for k in method.state_dict() if k.startswith("connectors.")}
+    assert set(method.extra_tensors()) == {k for k in method.state_dict() if k.startswith(("connectors.", "kd_scale."))}
 
 
 def test_lam_without_fam_a_missing_teacher_and_one_without_features_are_user_errors():

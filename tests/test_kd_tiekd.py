@@ -13,6 +13,8 @@ from torch import nn
 
 from distill.config import load_config
 from distill.data.synth import write_world
+from distill.errors import UserError
+from distill.kd.alignment import top_rows_mask
 from distill.kd.registry import build_method
 from distill.kd.tiekd import dpm_kl, gaussian_dpm, pin_uniform_bins, teacher_dpm, tiekd_terms
 from distill.models import build_student
@@ -122,6 +124,31 @@ def test_pinned_student_bins_are_uniform_frozen_and_give_its_depth():
     assert not any(p.requires_grad for p in student.head.bins.widths.parameters())
     depth = (out.probs * out.centers[:, :, None, None]).sum(1, keepdim=True)
     assert torch.allclose(nn.functional.interpolate(depth, size=(32, 64), mode="bilinear"), out.depth, atol=1e-4)
+
+
+def test_default_layout_is_the_official_kitti_recipe():
+    config = load_config(None, ["kd.method=tiekd", "teacher.spec=timm:vit_tiny_patch16_224"], check_paths=False)
+    student = build_student("resnet18", bins=16, decoder_width=8).eval()  # model.bins is rebuilt to kd.tiekd.bins
+    method = build_method(config, student, torch.device("cpu"))
+    settings = method.cfg
+    assert (settings.bins, settings.sigma) == (257, 0.5)
+    assert settings.ignore_top * 352 == pytest.approx(110)  # 110 of 352 rows; 40 of 128 at the synthetic size
+    assert student.spec["bins"] == 257 and not any(p.requires_grad for p in student.head.bins.widths.parameters())
+    with torch.no_grad():
+        centers = student(torch.randn(1, 3, 32, 64)).centers[0].double()
+    official = torch.linspace(1e-3, 80.0, 258, dtype=torch.float64)  # 258 linearly spaced edges
+    assert centers.shape == (257,)
+    assert torch.allclose(centers, (official[:-1] + official[1:]) / 2, atol=1e-4)
+    mask = top_rows_mask(torch.zeros(1, 1, 352, 1216), settings.ignore_top)
+    assert not mask[..., :110, :].any() and mask[..., 110:, :].all()
+
+
+def test_tiekd_bins_refuse_to_rebuild_a_pretrained_head():
+    student = build_student("resnet18", bins=16, decoder_width=8)
+    with pytest.raises(UserError, match="kd.tiekd.bins=257 but model.weights has 16 bins"):
+        pin_uniform_bins(student, 257, pretrained=True)
+    pin_uniform_bins(student, None, pretrained=True)  # null keeps the model's bins
+    assert student.head.bins.logits.out_channels == 16
 
 
 def tiny_config(tmp_path: Path, world: Path, **sections) -> Path:

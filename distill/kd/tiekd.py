@@ -8,21 +8,26 @@ over the bins (as the official code HPC-Lab-KOREATECH/TIE-KD, `L_DPM_loss`). The
 
     weight * (alpha * mean_cells KL(DPM_t || DPM_s) + (1 - alpha) * (1 - SSIM(d_s, d_t)))    (paper: 10, 0.1)
 
-with no ground truth. Both terms may ignore the top rows (`ignore_top`; the paper drops 110 of 352 KITTI rows).
+with no ground truth. Both terms ignore the top rows (`ignore_top`, a fraction of the image height: the paper drops
+the top 110 of the 352 KITTI rows, 0.3125, and the fraction scales the same band to other heights).
+
+Official KITTI layout (the default): 257 bins, linearly spaced ("we uniformly divide the depth range into bins",
+§3.2) over [1e-3, 80] m, i.e. 258 edges 1e-3 + k·(80 − 1e-3)/257; sigma 0.5 m (the official code's effective value;
+the paper says 0.8); ignore_top 110/352. NYU: 49 bins over [1e-3, 10] m (`kd.tiekd.bins=49`, `model.max_depth=10`).
 
 Our choices:
 - The student's DPM is its own bin-probability head: its AdaBins widths head is pinned to uniform bins (last layer
   zeroed and the MLP frozen, so ReLU(0) + 0.1 gives K equal widths) instead of adding a second head. The bins are
-  then the model's: `model.bins` over [`model.min_depth`, `model.max_depth`], and depth = sum_k p_k c_k is exactly
-  the student's output, so the distilled head is the one that is exported. The official code has 257 bin *edges*
-  over 0-80 m, i.e. 256 bins (our default `model.bins`).
+  then the model's, over [`model.min_depth`, `model.max_depth`], and depth = sum_k p_k c_k is exactly the
+  student's output, so the distilled head is the one that is exported. `kd.tiekd.bins` sets K: a fresh student's
+  bins heads are rebuilt with K bins (its spec records K); null keeps `model.bins`.
 - The student predicts its DPM at its output stride s (1/4 of the input): the teacher DPM of a cell is the mean of
   the DPMs of its s x s teacher pixels (a mixture, whose expected depth is the cell's mean teacher depth), not the
   DPM of one resized depth, so depth edges stay bimodal.
 - SSIM is `distill.losses.ssim_loss` on depth / model.max_depth with masked windows.
 
-Config (`kd.tiekd`): sigma (m, 0.5 = the official code's effective value; the paper says 0.8), alpha, weight,
-ignore_top (fraction of rows), align_to (student | gt: reference of relative teachers' least-squares alignment).
+Config (`kd.tiekd`): bins, sigma (m), alpha, weight, ignore_top (fraction of rows), align_to (student | gt:
+reference of relative teachers' least-squares alignment).
 """
 
 from __future__ import annotations
@@ -48,15 +53,18 @@ from distill.models.bins import BinsHead
 CUTOFF_DENSITY = 1e-16  # Gaussian densities below this are cut off before the softmax (official code)
 CUTOFF_LOGIT = -1000.0  # what they become: exp(-1000) is exactly 0 in float32
 LOG_EPS = 1e-12  # student probabilities are floored here inside the log
+OFFICIAL_KITTI_BINS = 257  # official KITTI recipe: 257 uniform bins (258 edges) over [1e-3, 80] m
+OFFICIAL_KITTI_IGNORED_ROWS, OFFICIAL_KITTI_ROWS = 110, 352  # top rows of the KB crop both terms ignore
 
 
 class TIEKDSettings(Section):
     """`kd.tiekd`: TIE-KD through Depth Probability Maps (TIE-KD §3.2–3.3)."""
 
+    bins: Annotated[int, Field(ge=2)] | None = OFFICIAL_KITTI_BINS
     sigma: Annotated[float, Field(gt=0)] = 0.5
     alpha: Annotated[float, Field(ge=0, le=1)] = 0.1
     weight: Annotated[float, Field(ge=0)] = 10.0
-    ignore_top: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    ignore_top: Annotated[float, Field(ge=0, lt=1)] = OFFICIAL_KITTI_IGNORED_ROWS / OFFICIAL_KITTI_ROWS
     align_to: Literal["student", "gt"] = "student"
 
 
@@ -152,11 +160,27 @@ def tiekd_terms(
     return {"tiekd_dpm": weight * alpha * kl, "tiekd_ssim": weight * (1 - alpha) * structure}
 
 
-def pin_uniform_bins(model: DepthModel) -> None:
-    """Make a bins-head model's bins fixed and uniform: zero and freeze its widths MLP (ReLU(0) + 0.1 everywhere)."""
+def pin_uniform_bins(model: DepthModel, bins: int | None = None, pretrained: bool = False) -> None:
+    """Make a bins-head model's bins fixed and uniform: zero and freeze its widths MLP (ReLU(0) + 0.1 everywhere).
+
+    Args:
+        model: a model with AdaBins-style bins heads (`model.head.bins`).
+        bins: K the bins heads must have; a head with another K is rebuilt fresh (its spec records K). None: keep.
+        pretrained: the model carries trained weights (`model.weights`), so rebuilding its head is refused.
+    """
     head = getattr(getattr(model, "head", None), "bins", None)
     if not isinstance(head, BinsHead):
         raise UserError(f"kd.method=tiekd needs a model with AdaBins-style bins heads, got {type(model).__name__}")
+    if bins is not None and head.logits.out_channels != bins:
+        if pretrained:
+            raise UserError(
+                f"kd.tiekd.bins={bins} but model.weights has {head.logits.out_channels} bins: set "
+                f"kd.tiekd.bins={head.logits.out_channels} (or null) to distil on the model's bins"
+            )
+        head = model.head.bins = BinsHead(head.logits.in_channels, bins, head.min_depth, head.max_depth, head.widths[0].out_features).to(
+            head.logits.weight.device
+        )
+        model.spec["bins"] = bins
     last = head.widths[-1]
     nn.init.zeros_(last.weight)
     nn.init.zeros_(last.bias)
@@ -185,6 +209,6 @@ class TIEKDMethod(DistillMethod):
 
 @register_method("tiekd", settings=TIEKDSettings)
 def build_tiekd(student: DepthModel, teacher: DepthModel, config: Config, settings: Section) -> Method:
-    """`kd.method: tiekd`: the student's bins are pinned uniform first (the DPMs live on them)."""
-    pin_uniform_bins(student)
+    """`kd.method: tiekd`: the student's bins are set to `kd.tiekd.bins` and pinned uniform (the DPMs live on them)."""
+    pin_uniform_bins(student, settings.bins, pretrained=config.model.weights is not None)
     return TIEKDMethod(student, teacher, config)

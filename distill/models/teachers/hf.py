@@ -1,7 +1,10 @@
-"""`hf:<folder>[?output_kind=<kind>&size=<H>x<W>]`: a `transformers` depth-estimation model, run as it is.
+"""`hf:<folder>[?output_kind=<kind>&size=processor|train|<H>x<W>]`: a `transformers` depth-estimation model, run as
+it is.
 
 The folder is what `save_pretrained` writes (DPT, Depth Anything V1/V2, GLPN, ZoeDepth, ...), loaded offline. The
-teacher gives depth and, as features, the 4 backbone stages the model's own decoder reads.
+teacher gives depth and, as features, the 4 backbone stages the model's own decoder reads. By default it runs at the
+size its own image processor would give it (`size=processor`: Depth Anything's 518 px short side at the input's
+aspect, sides multiples of 14, e.g. 518x1792 for a 352x1216 KITTI crop), and its depth is resized back to the input.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -21,6 +24,8 @@ from distill.models.base import IMAGENET_MEAN, IMAGENET_STD, DepthModel, DepthOu
 from distill.models.teachers._external import nearest_multiple, read_json, resize
 from distill.models.teachers._scheme import OUTPUT_KIND, Option, register_teacher
 from distill.parsing import parse_size
+
+InputSize = tuple[int, int] | Literal["processor", "train"]
 
 # Families whose predicted_depth is in metres; the others (DPT/MiDaS, relative Depth Anything, Depth Pro's
 # canonical inverse depth) predict relative disparity.
@@ -53,24 +58,24 @@ def tokens_to_map(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 class HFTeacher(DepthModel):
     """A `transformers` depth-estimation model saved in a local folder.
 
-    ViTs need sides that are multiples of their patch size: the input is resized to the nearest multiple (or to the
-    fixed size the model requires: `size=HxW` option, a fixed-size image processor, or DPT-ViT/hybrid's square
-    `config.image_size`) and the depth resized back, so any input size works (`size_divisor` is 1).
+    The input is resized to the size the model runs at (`internal_size`) and the depth resized back, so any input
+    size works (`size_divisor` is 1): a `size=HxW` option; else the size the model requires (DPT-ViT/hybrid's
+    square `config.image_size`); else with `size=processor` (default) the size its image processor gives
+    (`processor_size`); else (`size=train`, or no processor size) the input size rounded to the nearest multiple
+    of the patch size.
     Features are the 4 backbone stages the model's decoder (neck) reads, as (B, C, h, w) maps at the patch grid of
     the resized input; models without a neck give their last 4 hidden states.
 
     Args:
         folder: the `save_pretrained` folder (config.json, weights, optional preprocessor_config.json).
         kind: output kind overriding the one the config implies, or None.
-        size: (H, W) pixels the model runs at whatever the input size, or None.
+        size: (H, W) pixels the model runs at whatever the input size, "processor" or "train" (see above).
         min_depth, max_depth: metres, the caller's range; a metric model's config.max_depth wins over max_depth.
     """
 
     size_divisor = 1
 
-    def __init__(
-        self, folder: Path, *, kind: str | None, size: tuple[int, int] | None, min_depth: float, max_depth: float
-    ):
+    def __init__(self, folder: Path, *, kind: str | None, size: InputSize, min_depth: float, max_depth: float):
         super().__init__()
         self.model = _load_hf_model(folder).eval()
         config = self.model.config
@@ -85,7 +90,9 @@ class HFTeacher(DepthModel):
         self.multiple = math.lcm(
             self.patch_size, *(int((processor or {}).get(key) or 1) for key in ("ensure_multiple_of", "size_divisor"))
         )
-        self.fixed_size = size or _hf_fixed_size(config, processor)
+        self.size = size
+        self.model_size = _hf_model_size(config)
+        self.processor_target = _hf_processor_target(processor)
         self.min_depth = min_depth
         declared_max = getattr(config, "max_depth", None)
         self.max_depth = float(declared_max) if metric and declared_max else max_depth
@@ -99,8 +106,28 @@ class HFTeacher(DepthModel):
         self._neck_inputs = list(args[0])
 
     def internal_size(self, height: int, width: int) -> tuple[int, int]:
-        """The (H, W) the wrapped model runs at for an input of (height, width) pixels."""
-        return self.fixed_size or nearest_multiple(height, width, self.multiple)
+        """The (H, W) the wrapped model runs at for an input of (height, width) pixels (see the class docstring)."""
+        if isinstance(self.size, tuple):
+            return self.size
+        if self.model_size is not None:
+            return self.model_size
+        if self.size == "processor" and self.processor_target is not None:
+            return self.processor_size(height, width)
+        return nearest_multiple(height, width, self.multiple)
+
+    def processor_size(self, height: int, width: int) -> tuple[int, int]:
+        """The (H, W) the model's image processor resizes a (height, width) image to.
+
+        DPTImageProcessor's rule (`get_resize_output_image_size`, which Depth Anything and ZoeDepth use): with
+        keep_aspect_ratio, one scale for both sides, the one closer to 1 of target/side per side, then each side
+        rounded to the nearest multiple; else the target size itself.
+        """
+        (target_h, target_w), keep_aspect = self.processor_target
+        if not keep_aspect:
+            return target_h, target_w
+        scale_h, scale_w = target_h / height, target_w / width
+        scale = scale_w if abs(1 - scale_w) < abs(1 - scale_h) else scale_h
+        return nearest_multiple(scale * height, scale * width, self.multiple)
 
     def forward(self, x: torch.Tensor, names: list[str] | None = None) -> DepthOutput:
         """x: (B, 3, H, W) normalised with `mean`/`std`. Returns depth (B, 1, H, W) and 4 feature maps."""
@@ -241,23 +268,39 @@ def _hf_patch_size(config) -> int:
     return int(patch[0] if isinstance(patch, (list, tuple)) else patch)
 
 
-def _hf_fixed_size(config, processor: dict | None) -> tuple[int, int] | None:
-    """The one input size a model accepts, or None when any multiple of its patch size works."""
-    if processor is not None and processor.get("do_resize", True) and not processor.get("keep_aspect_ratio", False):
-        size = processor.get("size", {})
-        if isinstance(size, int):
-            return size, size
-        if isinstance(size, dict) and "height" in size and "width" in size:
-            return int(size["height"]), int(size["width"])
+def _hf_processor_target(processor: dict | None) -> tuple[tuple[int, int], bool] | None:
+    """((H, W) target, keep_aspect_ratio) of a resizing image processor, or None when it gives no size."""
+    if processor is None or not processor.get("do_resize", True):
+        return None
+    size = processor.get("size", {})
+    if isinstance(size, int):
+        size = {"height": size, "width": size}
+    if not isinstance(size, dict) or "height" not in size or "width" not in size:
+        return None
+    return (int(size["height"]), int(size["width"])), bool(processor.get("keep_aspect_ratio", False))
+
+
+def _hf_model_size(config) -> tuple[int, int] | None:
+    """The one input size the model itself accepts (DPT-ViT/hybrid's square grid), or None."""
     if config.model_type == "dpt" and (getattr(config, "backbone_config", None) is None or config.is_hybrid):
-        return int(config.image_size), int(config.image_size)  # DPT-ViT/hybrid: square grid, hybrid a fixed size
+        return int(config.image_size), int(config.image_size)
     return None
+
+
+def parse_input_size(text: str) -> InputSize:
+    """`size` option: "processor", "train" or HEIGHTxWIDTH pixels."""
+    return text if text in ("processor", "train") else parse_size(text)
 
 
 @register_teacher(
     "hf",
     OUTPUT_KIND,
-    Option("size", parse_size, "HEIGHTxWIDTH pixels the model runs at (default: its own size or multiple)"),
+    Option(
+        "size",
+        parse_input_size,
+        "what the model runs at: processor (default: its image processor's size), train (the input size rounded to "
+        "the patch size) or HEIGHTxWIDTH pixels; the depth is resized back to the input",
+    ),
     path=True,
 )
 def build_hf_teacher(
@@ -266,7 +309,7 @@ def build_hf_teacher(
     img_size: Sequence[int],
     head_kw: dict[str, Any],
     output_kind: str | None = None,
-    size: tuple[int, int] | None = None,
+    size: InputSize = "processor",
 ) -> HFTeacher:
     """Any input size works (see `HFTeacher`): `img_size` is unused."""
     return HFTeacher(
