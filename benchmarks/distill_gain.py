@@ -2,9 +2,9 @@
 
 Teacher: a foundation-model stand-in, a transformer (timm) trained once on a multi-domain synthetic corpus (styles
 kitti, overcast and van: three palettes, lights, focal lengths and camera heights; seed 7, so never the drives of
-the test worlds) and cached. Build it alone with `python benchmarks/distill_gain.py --stage teacher` (default
-setting: the corpus renders in a few minutes and the teacher trains teacher_steps steps on one thread; the run prints
-and records its cost in config.teacher_seconds).
+the test worlds) and cached. Build it alone with `python benchmarks/distill_gain.py --stage teacher`: the worlds
+render in parallel processes, then the teacher trains teacher_steps steps alone with one thread per core
+(config.workers); its wall and CPU seconds are recorded in config.teacher_cost.
 
 Regimes, each with one student architecture, step count and data for all of its rows:
 - `supervised` (the paper's setting): the kitti-style world of seed 0, every training frame labelled;
@@ -94,7 +94,7 @@ ROW_OVERRIDES = {
 }
 ROBOT_ONLY = ("labelfree",)
 DIAGNOSED = ("disdepth", "disdepth_lgconv")
-DEFAULT_CORPUS = (("kitti", 400), ("overcast", 400), ("van", 400))
+DEFAULT_CORPUS = (("kitti", 220), ("overcast", 220), ("van", 220))
 SETTINGS = {
     "quick": Setting(size=(32, 96), batch=2, bins=16, corpus=(("kitti", 6), ("van", 6)),
                      teacher_spec="timm:vit_tiny_patch16_224", teacher_steps=12, teacher_width=16, teacher_lr=1e-3,
@@ -103,8 +103,8 @@ SETTINGS = {
                      rows=("baseline", "placebo", "disdepth", "labelfree"), workers=2),
     "default": Setting(size=(64, 192), batch=8, bins=64, corpus=DEFAULT_CORPUS,
                        teacher_spec="timm:swin_tiny_patch4_window7_224", teacher_steps=2000, teacher_width=64,
-                       teacher_lr=4e-4, supervised_frames=480, robot_frames=540, robot_labelled=80,
-                       student_arch="efficientnet_b0", student_steps=250, student_width=32, student_lr=1e-3,
+                       teacher_lr=4e-4, supervised_frames=320, robot_frames=520, robot_labelled=80,
+                       student_arch="efficientnet_b0", student_steps=150, student_width=32, student_lr=1e-3,
                        seeds=(0, 1, 2), rows=tuple(ROW_OVERRIDES), workers=2),
     "cuda": Setting(size=(352, 1216), batch=8, bins=256, corpus=(("kitti", 1200), ("overcast", 1200), ("van", 1200)),
                     teacher_spec="timm:swin_tiny_patch4_window7_224", teacher_steps=12000, teacher_width=128,
@@ -177,7 +177,15 @@ def _train_frames(world: Path) -> int:
 
 def build_teacher(bench: Bench) -> dict:
     """Train (or reuse) the teacher; its test metrics on each regime's world and its cost in seconds."""
-    run_dir, cost = timed_train(bench.cache, bench.teacher_job())
+    import torch
+
+    threads = torch.get_num_threads()
+    if bench.device == "cpu":  # the teacher trains alone: one thread per core (config.workers)
+        torch.set_num_threads(max(bench.setting.workers, threads))
+    try:
+        run_dir, cost = timed_train(bench.cache, bench.teacher_job())
+    finally:
+        torch.set_num_threads(threads)
     metrics = {regime: score(run_dir, world) for regime, world in bench.worlds.items()}
     s = bench.setting
     return {"spec": s.teacher_spec, "steps": s.teacher_steps, "train_frames": _train_frames(bench.corpus),

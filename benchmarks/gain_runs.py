@@ -144,65 +144,12 @@ def run_jobs(cache: Path, jobs: list[Job], workers: int, on_done=None) -> list[d
         return [future.result() for future in futures]
 
 
-def diagnostics(run_dir: Path, frames: int = 8) -> dict:
-    """DisDepth diagnostics of a finished run (DisDepth §3.3–3.4).
-
-    ghost_advantage: student SILog − ghost SILog on the training batches (train.csv), averaged over the logged steps
-    of the last tenth of the warm-up and of the last tenth of the run (positive: the acclimated teacher features
-    decode better than the student's own, i.e. there is something to distil). lam_support: per level, the effective
-    support exp(H(A)) / (H·W) of the LAM importances A of the final checkpoint on the first `frames` test frames of
-    the run's world
-    (1: uniform, 1/(H·W): one pixel).
-    """
-    from distill.config import load_config
-    from distill.kd.registry import kd_section
-    from distill.logging_utils import read_csv
-
-    config, rows = load_config(run_dir / "config.yaml", []), read_csv(run_dir / "train.csv")[1]
-    settings, total = kd_section(config, "disdepth"), config.train.steps
-    warmup, ghost_weight = round(settings.warmup_fraction * total), settings.ghost_weight
-
-    def advantage(first: int, last: int) -> float | None:
-        picked = [float(r["silog"]) - float(r["ghost_silog"]) / ghost_weight for r in rows
-                  if first <= int(r["step"]) <= last and r.get("ghost_silog") not in (None, "")]  # fmt: skip
-        return round(sum(picked) / len(picked), 4) if picked else None
-
-    window = max(total // 10, 1)
-    return {
-        "ghost_advantage": {
-            "warmup_end": advantage(warmup - window, warmup),
-            "last": advantage(total - window, total),
-            "warmup_step": warmup,
-            "last_step": total,
-        },  # fmt: skip
-        "lam_support": lam_support(run_dir, config, frames),
-    }
-
-
-def lam_support(run_dir: Path, config, frames: int) -> list[float]:
-    """Per level: mean over `frames` test frames of exp(H(A)) / (H·W), A the LAM importances of the last checkpoint."""
-    import torch
-
-    from distill import checkpoint as ckpt
-    from distill.data import build_dataset
-    from distill.kd.registry import build_method
-    from distill.training.run import build_model_from_config
-
-    device = torch.device("cpu")
-    config.model.weights = None
-    student = build_model_from_config(config)
-    ckpt.load_model_weights(student, run_dir / "last")
-    method = build_method(config, student, device)
-    method.load_extra_tensors(ckpt.load_method_tensors(run_dir / "last"))
-    method.eval()
-    dataset = build_dataset(config.data, config.data.test_split, augment=False)
-    image = torch.stack([dataset[i]["image"] for i in range(min(frames, len(dataset)))])
-    with torch.no_grad():
-        out = method.student(method.student.normalize(image))
-        _, _, scores = method.acclimate(method.teacher_features(image), [f.shape[-2:] for f in out.features])
-    support = []
-    for level in scores:
-        probs = level.flatten(1).double().clamp_min(1e-30)
-        entropy = -(probs * probs.log()).sum(dim=1)  # nats, per image
-        support.append(round(float((entropy.exp() / probs.shape[1]).mean()), 4))
-    return support
+def diagnostics(run_dir: Path) -> dict:
+    """DisDepth's own diagnostics after the run's last step (`DisDepthMethod.diagnostics`, written by
+    `distill train` to diagnostics.json): ghost advantage (student SILog − ghost SILog on the same batch) at the last
+    step before KD and at the last step, and the LAM support exp(H(A)) / (H·W) per level of the last batch."""
+    path = run_dir / "diagnostics.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the run left no diagnostics (a method without diagnostics())")
+    found = json.loads(path.read_text())
+    return {"ghost_advantage": found["ghost_advantage"], "lam_support": found["lam_support"]}
