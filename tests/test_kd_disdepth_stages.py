@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_kd_disdepth import SIZE, tiny_method, trainer_for
+from test_kd_disdepth import SIZE, config_with, tiny_method, trainer_for
 
 from distill.errors import UserError
 from distill.kd.disdepth import gradient_norm
@@ -66,6 +66,13 @@ def test_method_reports_lam_support_per_level_at_least_the_floor():
     method(batch, 0)
     support = method.lam_support()
     assert len(support) == 4 and all(0.18 <= s <= 1.0 for s in support)
+
+
+def test_rms_normalisation_is_on_only_where_the_ghost_leaves_the_target_scale_free():
+    assert config_with().kd.disdepth.normalizes is False  # eval ghost: the student's BN statistics pin the scale
+    assert config_with(ghost_mode="train").kd.disdepth.normalizes is True
+    assert config_with(normalize="true").kd.disdepth.normalizes is True
+    assert config_with(ghost_mode="train", normalize="false").kd.disdepth.normalizes is False
 
 
 def test_eval_ghost_gets_no_update_and_its_bn_statistics_follow_only_the_student(tmp_path):

@@ -205,7 +205,8 @@ class DisDepthMethod(DistillMethod):
             self.lams = nn.ModuleList(LAM(s, settings.lam_dim, settings.lam_temperature) for s in student_channels)
         self.kd_scale = KDScale()
         # no connector gradient in the warm-up, no student gradient while acclimating
-        self.find_unused_parameters = settings.warmup_fraction > 0 or settings.acclimation_steps > 0
+        no_connector_grad = not settings.fam and settings.warmup_fraction > 0
+        self.find_unused_parameters = no_connector_grad or settings.acclimation_steps > 0
         self._support: list[torch.Tensor] = []
         self._silog: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -339,6 +340,7 @@ class DisDepthMethod(DistillMethod):
 
         Ghost advantage = student SILog − ghost SILog on the same batch (> 0: the acclimated teacher path decodes
         better than the student), at the last step before KD (warm-up + acclimation) and at the last step taken.
+        While acclimating, the student's SILog is that of its frozen eval-mode forward.
         """
         silog = {name: {key: None if key not in self._silog else float(self._silog[key][name])
                         for key in ("warmup_end", "last")} for name in ("student", "ghost")}  # fmt: skip

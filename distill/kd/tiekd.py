@@ -177,9 +177,9 @@ def pin_uniform_bins(model: DepthModel, bins: int | None = None, pretrained: boo
                 f"kd.tiekd.bins={bins} but model.weights has {head.logits.out_channels} bins: set "
                 f"kd.tiekd.bins={head.logits.out_channels} (or null) to distil on the model's bins"
             )
-        head = model.head.bins = BinsHead(head.logits.in_channels, bins, head.min_depth, head.max_depth, head.widths[0].out_features).to(
-            head.logits.weight.device
-        )
+        hidden, device = head.widths[0].out_features, head.logits.weight.device
+        head = model.head.bins = BinsHead(head.logits.in_channels, bins, head.min_depth, head.max_depth, hidden)
+        head.to(device)
         model.spec["bins"] = bins
     last = head.widths[-1]
     nn.init.zeros_(last.weight)
