@@ -147,17 +147,18 @@ def _resize(feature: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 
 class KDScale(nn.Module):
-    """The frozen KD factor s of `scale: auto` as a buffer (NaN until measured), so checkpoints and resumes keep it."""
+    """The frozen KD factor s of `scale: auto` as a buffer (-1 until measured, a finite value: checkpoints written
+    before the first KD step pass the trainer's finiteness check), so checkpoints and resumes keep it."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.register_buffer("value", torch.tensor(float("nan")))
+        self.register_buffer("value", torch.tensor(-1.0))
         self._measured: bool | None = None  # cached, so a set scale costs no device sync per step
 
     @property
     def measured(self) -> bool:
         if not self._measured:
-            self._measured = not torch.isnan(self.value).item()
+            self._measured = bool(self.value.item() >= 0)
         return self._measured
 
     def set(self, value: float) -> None:
@@ -354,7 +355,7 @@ class DisDepthMethod(DistillMethod):
             "student_silog": silog["student"],
             "ghost_silog": silog["ghost"],
             "lam_support": self.lam_support(),
-            "kd_scale": None if scale != scale else scale,
+            "kd_scale": None if scale < 0 else scale,
         }
 
 
