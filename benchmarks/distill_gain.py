@@ -94,7 +94,7 @@ ROW_OVERRIDES = {
 }
 ROBOT_ONLY = ("labelfree",)
 DIAGNOSED = ("disdepth", "disdepth_lgconv")
-DEFAULT_CORPUS = (("kitti", 220), ("overcast", 220), ("van", 220))
+DEFAULT_CORPUS = (("kitti", 180), ("overcast", 180), ("van", 180))
 SETTINGS = {
     "quick": Setting(size=(32, 96), batch=2, bins=16, corpus=(("kitti", 6), ("van", 6)),
                      teacher_spec="timm:vit_tiny_patch16_224", teacher_steps=12, teacher_width=16, teacher_lr=1e-3,
@@ -102,9 +102,9 @@ SETTINGS = {
                      student_steps=6, student_width=16, student_lr=1e-3, seeds=(0, 1),
                      rows=("baseline", "placebo", "disdepth", "labelfree"), workers=2),
     "default": Setting(size=(64, 192), batch=8, bins=64, corpus=DEFAULT_CORPUS,
-                       teacher_spec="timm:swin_tiny_patch4_window7_224", teacher_steps=2000, teacher_width=64,
-                       teacher_lr=4e-4, supervised_frames=320, robot_frames=520, robot_labelled=80,
-                       student_arch="efficientnet_b0", student_steps=150, student_width=32, student_lr=1e-3,
+                       teacher_spec="timm:swin_tiny_patch4_window7_224", teacher_steps=1500, teacher_width=64,
+                       teacher_lr=4e-4, supervised_frames=240, robot_frames=520, robot_labelled=80,
+                       student_arch="efficientnet_b0", student_steps=100, student_width=32, student_lr=1e-3,
                        seeds=(0, 1, 2), rows=tuple(ROW_OVERRIDES), workers=2),
     "cuda": Setting(size=(352, 1216), batch=8, bins=256, corpus=(("kitti", 1200), ("overcast", 1200), ("van", 1200)),
                     teacher_spec="timm:swin_tiny_patch4_window7_224", teacher_steps=12000, teacher_width=128,

@@ -81,6 +81,8 @@ def train(cache: Path, job: Job) -> Path:
     last = run_dir / "last" / "state.json"
     if last.is_file() and read_state(last.parent)["step"] >= steps:
         return run_dir
+    if run_dir.is_dir() and not last.is_file():  # stopped before its first checkpoint: start it afresh, same folder
+        shutil.rmtree(run_dir)
     resume = ["run.resume=true"] if last.is_file() else []
     where = [f"run.out_dir={run_dir.parent}", f"run.name={run_dir.name}"]
     return run_training(None, [*job.overrides, *where, *resume])
