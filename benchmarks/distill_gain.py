@@ -26,8 +26,11 @@ Diagnostics (DisDepth rows): the ghost advantage (student SILog − ghost SILog,
 LAM support exp(H(A))/(H·W) per level (benchmarks/gain_runs.py).
 
     python benchmarks/distill_gain.py --quick                 # smoke run (CI), tiny sizes, a few rows, 2 seeds
-    python benchmarks/distill_gain.py --stage teacher         # build and cache the teacher only
+    python benchmarks/distill_gain.py --stage teacher         # worlds + teacher only (~12 + ~20-30 min, 2 cores)
     python benchmarks/distill_gain.py                         # full table on CPU: 2 single-thread processes
+Measured single-thread cost per student step at 64x192, batch 8 (CPU seconds, loaded 2-core machine): baseline
+0.45, response_ssim 0.7, placebo/disdepth 1.6, disdepth_lgconv 1.75, tiekd 1.65, labelfree 2.2 (teacher Swin-T 1.4);
+the 39 student runs of the default setting take about 45 min on two processes, about 75-80 min from scratch.
     python benchmarks/distill_gain.py --device cuda           # GPU scale: full resolution, more steps, 1 process
 Worlds, the teacher, runs and scores are cached under --cache (runs keyed by their overrides), so an interrupted
 benchmark resumes; delete the cache after changing a method's code. Writes --out (.json, .md beside it); without
@@ -39,7 +42,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -47,9 +49,10 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # gain_runs beside this file, run as a script or imported
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gain_runs, gain_stats: beside this file
 
 from gain_runs import LABELLED_SPLIT, Job, make_worlds, run_folder, run_jobs, score, timed_train, write_labelled_split
+from gain_stats import DIAGNOSED, mean_metrics, paired, row_cost, summarise_diagnostics
 
 from distill.errors import UserError
 
@@ -93,14 +96,13 @@ ROW_OVERRIDES = {
     "labelfree": ["kd.method=labelfree"],
 }
 ROBOT_ONLY = ("labelfree",)
-DIAGNOSED = ("disdepth", "disdepth_lgconv")
 DEFAULT_CORPUS = (("kitti", 180), ("overcast", 180), ("van", 180))
 SETTINGS = {
     "quick": Setting(size=(32, 96), batch=2, bins=16, corpus=(("kitti", 6), ("van", 6)),
                      teacher_spec="timm:vit_tiny_patch16_224", teacher_steps=12, teacher_width=16, teacher_lr=1e-3,
                      supervised_frames=10, robot_frames=14, robot_labelled=3, student_arch="resnet18",
                      student_steps=6, student_width=16, student_lr=1e-3, seeds=(0, 1),
-                     rows=("baseline", "placebo", "disdepth", "labelfree"), workers=2),
+                     rows=("baseline", "disdepth", "labelfree"), workers=2),
     "default": Setting(size=(64, 192), batch=8, bins=64, corpus=DEFAULT_CORPUS,
                        teacher_spec="timm:swin_tiny_patch4_window7_224", teacher_steps=1500, teacher_width=64,
                        teacher_lr=4e-4, supervised_frames=240, robot_frames=520, robot_labelled=80,
@@ -190,68 +192,6 @@ def build_teacher(bench: Bench) -> dict:
     s = bench.setting
     return {"spec": s.teacher_spec, "steps": s.teacher_steps, "train_frames": _train_frames(bench.corpus),
             "metrics": metrics, "cost": cost}  # fmt: skip
-
-
-def mean_metrics(per_seed: list[dict]) -> dict[str, float]:
-    scored = [m for m in per_seed if "rmse" in m]
-    if not scored:
-        return {}
-    return {key: round(sum(m[key] for m in scored) / len(scored), 4) for key in scored[0]}
-
-
-def paired(rows: dict[str, dict], teacher_rmse: float) -> dict[str, dict]:
-    """Per row: paired mean ΔRMSE vs the baseline over the seeds both scored, its SE, gap closure, significance."""
-    base = rows["baseline"]["per_seed"]
-    base_rmse = rows["baseline"]["mean"].get("rmse")
-    result = {}
-    for name, row in rows.items():
-        diffs = [r["rmse"] - b["rmse"] for r, b in zip(row["per_seed"], base) if "rmse" in r and "rmse" in b]
-        if name == "baseline" or not diffs or base_rmse is None:
-            continue
-        delta = sum(diffs) / len(diffs)
-        sd = math.sqrt(sum((d - delta) ** 2 for d in diffs) / (len(diffs) - 1)) if len(diffs) > 1 else math.inf
-        se = sd / math.sqrt(len(diffs))
-        gap = -delta / (base_rmse - teacher_rmse) if base_rmse != teacher_rmse else None
-        result[name] = {
-            "delta_rmse": round(delta, 4),
-            "delta_rmse_se": round(se, 4) if se < math.inf else None,  # one seed: no SE
-            "gap_closure": None if gap is None else round(gap, 4),
-            "significant": bool(delta < -2 * se),
-        }
-    return result
-
-
-def summarise_diagnostics(results: dict[tuple[str, str, int], dict]) -> dict[str, dict]:
-    """Per diagnosed row: ghost advantage and LAM support averaged over every regime and seed, and per regime."""
-    out = {}
-    for row in DIAGNOSED:
-        runs = {key: r["diagnostics"] for key, r in results.items() if key[1] == row and "diagnostics" in r}
-        if not runs:
-            continue
-
-        def average(picked: list[dict]) -> dict:
-            ghost = {k: _mean([d["ghost_advantage"][k] for d in picked]) for k in ("warmup_end", "last")}
-            levels = zip(*(d["lam_support"] for d in picked))
-            return {"ghost_advantage": ghost, "lam_support": [round(sum(v) / len(v), 4) for v in levels]}
-
-        regimes = sorted({key[0] for key in runs})
-        per_regime = {regime: average([d for key, d in runs.items() if key[0] == regime]) for regime in regimes}
-        out[row] = {**average(list(runs.values())), "per_regime": per_regime}
-    return out
-
-
-def row_cost(results: dict[tuple[str, str, int], dict]) -> dict[str, dict[str, float]]:
-    """Training cost per regime/row: mean wall and CPU seconds per run over the seeds."""
-    costs: dict[str, list[dict]] = {}
-    for (regime, row, _), result in results.items():
-        if "cost" in result:
-            costs.setdefault(f"{regime}/{row}", []).append(result["cost"])
-    return {name: {key: _mean([c[key] for c in runs]) for key in ("wall_s", "cpu_s")} for name, runs in costs.items()}
-
-
-def _mean(values: list[float | None]) -> float | None:
-    kept = [v for v in values if v is not None]
-    return round(sum(kept) / len(kept), 4) if kept else None
 
 
 def run(setting: Setting, cache: Path, device: str, stage: str) -> dict | None:

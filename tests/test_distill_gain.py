@@ -56,7 +56,7 @@ def test_quick_benchmark_writes_the_table_and_reuses_its_cache(tmp_path):
     assert all(isinstance(disdepth["ghost_advantage"][key], float) for key in ("warmup_end", "last"))
     assert len(disdepth["lam_support"]) == 4 and all(0 < v <= 1 for v in disdepth["lam_support"])
     table = out.with_suffix(".md").read_text()
-    assert all(f"**{name}**" in table for name in report["regimes"]) and "| placebo |" in table
+    assert all(f"**{name}**" in table for name in report["regimes"]) and "| disdepth |" in table
 
     again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "train:" not in again.stderr  # every run and score came from the cache
