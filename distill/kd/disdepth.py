@@ -146,19 +146,24 @@ def _resize(feature: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(feature, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+UNMEASURED = -1.0  # KDScale before the first distillation step
+
+
 class KDScale(nn.Module):
-    """The frozen KD factor s of `scale: auto` as a buffer (-1 until measured, a finite value: checkpoints written
-    before the first KD step pass the trainer's finiteness check), so checkpoints and resumes keep it."""
+    """The frozen KD factor s ≥ 0 of `scale: auto` as a buffer, so checkpoints and resumes keep it.
+
+    Unmeasured it holds −1, not NaN: the trainer refuses to checkpoint non-finite tensors.
+    """
 
     def __init__(self) -> None:
         super().__init__()
-        self.register_buffer("value", torch.tensor(-1.0))
+        self.register_buffer("value", torch.tensor(UNMEASURED))
         self._measured: bool | None = None  # cached, so a set scale costs no device sync per step
 
     @property
     def measured(self) -> bool:
         if not self._measured:
-            self._measured = bool(self.value.item() >= 0)
+            self._measured = bool(self.value >= 0)
         return self._measured
 
     def set(self, value: float) -> None:
@@ -350,12 +355,13 @@ class DisDepthMethod(DistillMethod):
             for key in ("warmup_end", "last")
         }
         scale = self.settings.weight if self.settings.scale == "weight" else float(self.kd_scale.value)
+        scale = None if scale == UNMEASURED else scale
         return {
             "ghost_advantage": advantage,
             "student_silog": silog["student"],
             "ghost_silog": silog["ghost"],
             "lam_support": self.lam_support(),
-            "kd_scale": None if scale < 0 else scale,
+            "kd_scale": scale,
         }
 
 
