@@ -193,3 +193,21 @@ def test_bad_split_and_missing_files_are_user_errors(kitti, tmp_path):
     split = write_split(tmp_path, [f"{DRIVE} 5 l", f"{DRIVE} 9 l"], name="gap") / "gap.txt"
     with pytest.raises(UserError, match="0000000009"):
         KittiDataset(raw, split, gt="velodyne")
+
+
+def test_labelled_split_leaves_the_other_training_frames_unlabelled(tmp_path):
+    from distill.data.synth import write_world
+
+    world = tmp_path / "world"
+    write_world(world, frames=6, seed=3, domain="shifted", size=(32, 96), bag="none")
+    train = (world / "splits" / "train.txt").read_text().splitlines()
+    (world / "splits" / "few.txt").write_text(train[1] + "\n")
+    config = load_data_config({"kind": "kitti", "root": world, "labelled_split": "few"})
+    samples = [sample for sample in build_dataset(config, "train", augment=False)]
+    assert len(samples) == len(train) == 4
+    assert [bool(sample["valid"].any()) for sample in samples] == [False, True, False, False]
+    assert all(float(sample["depth"].abs().sum()) == 0 for i, sample in enumerate(samples) if i != 1)
+    assert all(sample["valid"].any() for sample in build_dataset(config, "test", augment=False))  # scoring keeps labels
+    missing = load_data_config({"kind": "kitti", "root": world, "labelled_split": "nope"})
+    with pytest.raises(UserError, match="data.labelled_split: no split file"):
+        build_dataset(missing, "train", augment=False)

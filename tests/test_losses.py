@@ -105,6 +105,26 @@ def test_empty_mask_gives_zero_with_graph():
     assert bins_chamfer_loss(centers, gt, empty).item() == 0.0
 
 
+def test_an_unlabelled_sample_in_the_batch_changes_nothing():
+    """A robot-log batch: sample 1 has no label (valid all False); every loss equals that of sample 0 alone and its
+    gradient is finite, zero on the unlabelled sample (a few labelled frames among unlabelled ones, issue 19)."""
+    pred, gt = _depth().requires_grad_(True), _depth(1)
+    valid = _mask().clone()
+    valid[1] = False
+    for loss in (silog_loss, scale_invariant_loss, mse_loss, ssim_loss):
+        value = loss(pred, gt, valid)
+        (grad,) = torch.autograd.grad(value, pred)
+        alone = loss(pred[:1], gt[:1], valid[:1])
+        assert torch.isfinite(value) and torch.isfinite(grad).all(), loss.__name__
+        assert value.item() == pytest.approx(alone.item(), rel=1e-5), loss.__name__
+        assert grad[1].abs().max().item() == 0.0, loss.__name__
+    centers = torch.linspace(1, 80, 8).repeat(2, 1).requires_grad_(True)
+    chamfer = bins_chamfer_loss(centers, gt, valid)
+    (grad,) = torch.autograd.grad(chamfer, centers)
+    assert chamfer.item() == pytest.approx(bins_chamfer_loss(centers[:1], gt[:1], valid[:1]).item(), rel=1e-6)
+    assert torch.isfinite(grad).all() and grad[1].abs().max().item() == 0.0
+
+
 def test_scale_invariant_loss_is_eigens_half_lambda():
     target = _depth()
     # g = ln 2 everywhere: mean(g^2) - 0.5 mean(g)^2 = 0.5 ln2^2

@@ -16,7 +16,7 @@ from rosbags.typesys import Stores, get_typestore
 from depth_node.geometry import points_to_depth_image, project_points, transform_points
 from distill.data.kitti import camera_projection, read_calib, read_split, read_velodyne, velodyne_to_rectified
 from distill.data.samples import read_depth_png
-from distill.data.synth import plan_drives, write_calib, write_world
+from distill.data.synth import plan_drives, write_calib, write_corpus, write_world
 from distill.data.synth_bag import quaternion
 from distill.data.synth_calib import make_rig
 from distill.errors import UserError
@@ -292,3 +292,23 @@ def test_unusable_output_folder_raises_user_error(tmp_path):
         with pytest.raises(UserError, match=message):
             write_world(out, frames=1, seed=0, size=SIZE, bag="none")
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+
+
+def test_corpus_holds_each_domain_under_its_own_day(tmp_path):
+    out = tmp_path / "corpus"
+    write_corpus(out, [("overcast", 3, 7), ("van", 3, 7)], size=(32, 96), bag="none")
+    days = sorted(p.name for p in (out / "kitti_raw").iterdir())
+    assert days == ["2032_11_03", "2033_04_20"]
+    listed = [read_split(out / "splits" / f"{split}.txt") for split in ("train", "val", "test")]
+    assert {Path(drive).parent.name for split in listed for drive, _, _ in split} == set(days)
+    assert sum(len(split) for split in listed) == 6 and len(frames_of(out)) == 6
+    focal = [camera_projection(read_calib(out / "kitti_raw" / day), 2)[0][0, 0] for day in days]
+    assert focal[0] > focal[1]  # overcast's long lens, van's wide one
+    van = tmp_path / "van"
+    write_world(van, frames=3, seed=7, domain="van", size=(32, 96), bag="none")
+    drive = "2033_04_20_drive_0001_sync/image_02/data/0000000000.png"
+    assert (van / "kitti_raw" / "2033_04_20" / drive).read_bytes() == (
+        out / "kitti_raw" / "2033_04_20" / drive
+    ).read_bytes()
+    with pytest.raises(UserError, match="each domain at most once"):
+        write_corpus(tmp_path / "twice", [("van", 1, 0), ("van", 1, 1)], size=(32, 96))

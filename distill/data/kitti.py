@@ -212,6 +212,9 @@ class KittiDataset(Dataset):
 
     `lidar_beams`: None (no sparse_depth), a ring count (64, 32, 16, ...; see `keep_beams`), or a list of them of
     which each sample draws one at random (numpy's global RNG, seeded per sample by data.sampling.SeededDataset).
+
+    `labelled`: the (drive, frame, cam) entries that keep their ground truth; every other frame comes without depth
+    (`valid` all False), the way unlabelled robot-log frames do. None: every frame is labelled.
     """
 
     def __init__(
@@ -224,6 +227,7 @@ class KittiDataset(Dataset):
         depth_range: tuple[float, float] = (1e-3, 80.0),
         transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         lidar_beams: int | list[int] | None = None,
+        labelled: set[tuple[str, int, int]] | None = None,
     ):
         if gt not in ("annotated", "velodyne"):
             raise UserError(f"KITTI gt must be 'annotated' or 'velodyne', got {gt!r}")
@@ -231,7 +235,7 @@ class KittiDataset(Dataset):
             raise UserError(f"KITTI gt 'annotated' needs gt_root, the data_depth_annotated folder; got {gt_root}")
         self.raw_root, self.gt, self.kb_crop = Path(raw_root), gt, kb_crop
         self.depth_range, self.transform = depth_range, transform
-        self.lidar_beams = _beam_choices(lidar_beams)
+        self.lidar_beams, self.labelled = _beam_choices(lidar_beams), labelled
         self._calib: dict[Path, dict[str, np.ndarray]] = {}
         split = read_split(split_file) if split_file else list_frames(self.raw_root)
         self.frames = self._index(split, Path(gt_root) if gt_root else None, split_file or self.raw_root)
@@ -294,6 +298,8 @@ class KittiDataset(Dataset):
             beams = int(np.random.choice(self.lidar_beams))
             scan = read_velodyne(_scan_path(self.raw_root / drive, frame))
             sparse, meta["lidar_beams"] = project_scan(keep_beams(scan, beams), calib, cam), beams
+        if self.labelled is not None and (drive, frame, cam) not in self.labelled:
+            depth = None  # an unlabelled frame: KD terms still see its image
         sample = make_sample(image, depth, projection[:, :3], meta, self.depth_range, sparse_depth=sparse)
         if self.kb_crop:
             sample = apply_kb_crop(sample)

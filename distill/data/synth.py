@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -73,12 +74,22 @@ def plan_drives(frames: int) -> list[Drive]:
 
 def check_arguments(out: Path, frames: int, seed: int, domain: str, size: tuple[int, int], bag: str) -> None:
     """Raise UserError for anything a user can get wrong, before any work is done."""
+    check_part(frames, seed, domain)
+    check_output(out, size, bag)
+
+
+def check_part(frames: int, seed: int, domain: str) -> None:
+    """Raise UserError for a bad frame count, seed or domain."""
     if not isinstance(frames, int) or frames < 1:
         raise UserError(f"--frames must be a whole number >= 1, got {frames!r}")
     if not isinstance(seed, int) or seed < 0:
         raise UserError(f"--seed must be a whole number >= 0, got {seed!r}")
     if domain not in STYLES:
         raise UserError(f"unknown --domain {domain!r}; choose one of {', '.join(STYLES)}")
+
+
+def check_output(out: Path, size: tuple[int, int], bag: str) -> None:
+    """Raise UserError for a bad bag storage, image size or output folder (created when missing)."""
     if bag not in BAGS:
         raise UserError(f"unknown --bag {bag!r}; choose one of {', '.join(BAGS)}")
     height, width = size
@@ -147,25 +158,52 @@ def write_world(
         size: image (height, width) in pixels; intrinsics scale with it.
         bag: rosbag2 storage per drive, "mcap", "sqlite3" or "none".
     """
-    check_arguments(out, frames, seed, domain, size, bag)
-    out, style = Path(out), STYLES[domain]
-    rig = make_rig(size, style.date, style.focal_scale, style.pitch_deg, style.camera_raise, style.velo_height)
-    rays = camera_rays(rig)
-    drives = plan_drives(frames)
+    write_corpus(out, [(domain, frames, seed)], size, bag)
+
+
+def write_corpus(
+    out: Path, parts: Sequence[tuple[str, int, int]], size: tuple[int, int] = (375, 1242), bag: str = "none"
+) -> None:
+    """Render several domains into one world folder: each (domain, frames, seed) as `write_world` would, its drives
+    under its style's own recording day, and one set of split files listing them all (a multi-domain corpus).
+
+    Args:
+        out: new or empty output folder.
+        parts: (domain, frames, seed) per domain; each domain at most once (drives are named by the style's date).
+        size: image (height, width) in pixels; intrinsics scale with it and with each style's focal length.
+        bag: rosbag2 storage per drive, "mcap", "sqlite3" or "none".
+    """
+    domains = [domain for domain, _, _ in parts]
+    if not parts or len(set(domains)) < len(domains):
+        raise UserError(f"a corpus needs each domain at most once, got {domains}")
+    for domain, frames, seed in parts:
+        check_part(frames, seed, domain)
+    check_output(out, size, bag)
+    out = Path(out)
     splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
     try:
-        write_calib(out / "kitti_raw" / style.date, rig)
-        with tqdm(total=frames, desc=f"synth {domain}", unit="frame") as progress:
-            for drive in drives:
-                entropy = [seed, list(STYLES).index(domain), drive.number]
-                lines = _write_drive(out, rig, rays, style, entropy, drive, bag, progress)
-                for split in splits if len(drives) == 1 else [drive.split]:
-                    splits[split] += lines
+        for domain, frames, seed in parts:
+            _write_domain(out, frames, seed, domain, size, bag, splits)
         (out / "splits").mkdir()
         for split, lines in splits.items():
             (out / "splits" / f"{split}.txt").write_text("".join(f"{line}\n" for line in lines))
     except OSError as error:  # disk full, folder removed under us, ...
         raise UserError(f"cannot write the synthetic world into {out}: {error}") from None
+
+
+def _write_domain(out: Path, frames: int, seed: int, domain: str, size, bag: str, splits: dict[str, list]) -> None:
+    """Render one domain's drives into `out`, adding their split-file lines to `splits`."""
+    style = STYLES[domain]
+    rig = make_rig(size, style.date, style.focal_scale, style.pitch_deg, style.camera_raise, style.velo_height)
+    rays = camera_rays(rig)
+    drives = plan_drives(frames)
+    write_calib(out / "kitti_raw" / style.date, rig)
+    with tqdm(total=frames, desc=f"synth {domain}", unit="frame") as progress:
+        for drive in drives:
+            entropy = [seed, list(STYLES).index(domain), drive.number]
+            lines = _write_drive(out, rig, rays, style, entropy, drive, bag, progress)
+            for split in splits if len(drives) == 1 else [drive.split]:
+                splits[split] += lines
 
 
 def write_calib(folder: Path, rig: Rig) -> None:

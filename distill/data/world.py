@@ -11,7 +11,7 @@ synth_raycast.py (intersections), synth_textures.py / synth_shade.py (appearance
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -101,6 +101,24 @@ STYLES = {
         building_height=(3.5, 9.0), setback=(0.0, 3.0), lane_width=(3.4, 4.2), tree_rate=0.3, parked_rate=0.45,
     ),
 }  # fmt: skip
+# Further looks and rigs for multi-domain corpora (appended: the entropy of a world uses its style's index).
+STYLES["overcast"] = replace(  # a grey northern city under cloud, long lens on a low mount
+    STYLES["kitti"], date="2032_11_03", focal_scale=1.15, pitch_deg=-1.0, camera_raise=-0.15, velo_height=1.58,
+    asphalt=linear_rgb("#44474a")[0], sidewalk=linear_rgb("#8c8c88")[0], grass=linear_rgb("#4a5e3a")[0],
+    buildings=linear_rgb("#8a8f96", "#b0a89c", "#6e6a66", "#c2c4c6", "#7d6d5f", "#a3a9b0", "#5f646b"),
+    sky_zenith=linear_rgb("#8e969e")[0], sky_horizon=linear_rgb("#c4c8cc")[0],
+    sun_color=np.float32([1.2, 1.2, 1.25]), ambient=np.float32([0.9, 0.92, 0.98]),
+    sun_elevation_deg=55.0, sun_azimuth_deg=10.0, fog_distance=220.0,
+    building_height=(9.0, 24.0), setback=(0.0, 2.0), lane_width=(3.0, 3.5), tree_rate=0.25, parked_rate=0.75,
+)  # fmt: skip
+STYLES["van"] = replace(  # a green suburb at noon from a tall van: wide lens, high mount, pitched down
+    STYLES["kitti"], date="2033_04_20", focal_scale=0.7, pitch_deg=6.0, camera_raise=0.7, velo_height=2.3,
+    asphalt=linear_rgb("#4e4f50")[0], grass=linear_rgb("#4f8a2e")[0], foliage=linear_rgb("#2f5a20")[0],
+    buildings=linear_rgb("#f2f0ea", "#b84a3a", "#e8e0c0", "#9aa8b8", "#d8c8a8", "#c0c8b8", "#a05a40"),
+    sky_zenith=linear_rgb("#3f7fe0")[0], sky_horizon=linear_rgb("#b8d4f0")[0],
+    sun_color=np.float32([3.4, 3.3, 3.1]), sun_elevation_deg=70.0, sun_azimuth_deg=120.0, fog_distance=600.0,
+    building_height=(4.0, 8.0), setback=(3.0, 10.0), lane_width=(3.0, 3.6), tree_rate=0.8, parked_rate=0.35,
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

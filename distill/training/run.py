@@ -3,12 +3,14 @@
 One command for every scale: plain `distill train` uses one process on one device; under
 `torchrun --nproc_per_node=N -m distill.cli train ...` each process trains with DistributedDataParallel
 (gloo on CPU, nccl on CUDA), reading RANK / WORLD_SIZE / LOCAL_RANK from the environment. Rank 0 alone writes
-the run folder: config.yaml (resolved config), train.csv / val.csv, tb/, last/ and best/ checkpoints.
+the run folder: config.yaml (resolved config), train.csv / val.csv, tb/, last/ and best/ checkpoints, and for a
+method with `diagnostics()` (DisDepth: ghost advantage, LAM support) its values after the last step in diagnostics.json.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import random
 from collections.abc import Sequence
@@ -46,6 +48,8 @@ def run_training(config_path: Path | str | None, overrides: Sequence[str] = ()) 
             start = f"resuming at step {trainer.progress.step}" if resume_from else "starting"
             print(f"run {run_dir}: {start}, {trainer.total_steps} steps on {device} x{trainer.world}")
         trainer.fit()
+        if trainer.rank == 0 and hasattr(method, "diagnostics"):
+            (run_dir / "diagnostics.json").write_text(json.dumps(method.diagnostics(), indent=1))
         if trainer.rank == 0:
             print(f"done: {run_dir / 'last'}" + (f", best {run_dir / 'best'}" if (run_dir / "best").is_dir() else ""))
         return run_dir
