@@ -21,7 +21,7 @@ from distill.errors import UserError
 from distill.verbs.bench import run_bench
 from distill.verbs.export import run_export
 from distill.verbs.parity import compare_precision, image_feeds, smooth_random_image
-from distill.verbs.quantize import HEAD_NODES, precision_path, quantize_int8
+from distill.verbs.quantize import precision_path, quantize_int8
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = (64, 192)
@@ -100,19 +100,21 @@ def test_int8_dynamic_model_runs_at_two_sizes(tmp_path, calib_dir):
         assert depth.shape == size and np.isfinite(depth).all()
 
 
-def test_the_head_can_stay_in_float(tmp_path, tiny_config, calib_dir):
+def test_the_bins_head_stays_in_float_unless_every_node_is_asked_for(tmp_path, tiny_config, calib_dir):
     fp32 = run_export(None, out=tmp_path, random_init=True, config=tiny_config, size=SIZE)[0]
     images = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in sorted(calib_dir.glob("*.png"))]
-    whole = quantize_int8(fp32, tmp_path / "whole.onnx", images, "minmax")
-    kept = quantize_int8(fp32, tmp_path / "kept.onnx", images, "percentile", keep_float=(HEAD_NODES,))
+    default = quantize_int8(fp32, tmp_path / "default.onnx", images, "minmax")
+    every = quantize_int8(fp32, tmp_path / "every.onnx", images, "percentile", scopes=None)
 
-    def logits_weights_are_int8(path: Path) -> bool:
+    def int8_weights(path: Path, scope: str) -> int:
+        """Conv nodes under `scope` whose weights come from a DequantizeLinear (INT8 initializers)."""
         graph = onnx.load(str(path)).graph
         producers = {output: node for node in graph.node for output in node.output}
-        logits = next(n for n in graph.node if n.name.startswith(HEAD_NODES) and n.op_type == "Conv")
-        return logits.input[1] in producers and producers[logits.input[1]].op_type == "DequantizeLinear"
+        convs = [n for n in graph.node if n.name.startswith(scope) and n.op_type == "Conv"]
+        return sum(c.input[1] in producers and producers[c.input[1]].op_type == "DequantizeLinear" for c in convs)
 
-    assert logits_weights_are_int8(whole) and not logits_weights_are_int8(kept)
+    assert int8_weights(default, "/model/encoder/") > 10 and int8_weights(default, "/model/head/decoder/") > 0
+    assert int8_weights(default, "/model/head/bins/") == 0 and int8_weights(every, "/model/head/bins/") > 0
     with pytest.raises(UserError, match="unknown method 'kl'"):
         quantize_int8(fp32, tmp_path / "x.onnx", images, "kl")
     with pytest.raises(UserError, match="no usable images"):
