@@ -70,10 +70,9 @@ def quantize_int8(
             (a graph not made by `distill export`): every node ORT can quantize.
 
     Returns:
-        out_path. Raises UserError for an unknown method or no usable images.
+        out_path. Raises UserError for an unknown method, no usable images, or a histogram method failing on an
+        activation that is constant on the images (ORT cannot bin it; MinMax can).
     """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
     if method not in CALIB_METHODS:
         raise UserError(f"--calib-method: unknown method {method!r} (choose from {', '.join(CALIB_METHODS)})")
     metadata = read_onnx_metadata(fp32_onnx)
@@ -87,17 +86,32 @@ def quantize_int8(
         prepared = Path(scratch) / "prepared.onnx"
         _pre_process(Path(fp32_onnx), prepared)
         chosen = _nodes_named(prepared, scopes or ())
-        quantize_static(
-            str(prepared), str(out_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                              "percentile": CalibrationMethod.Percentile}[method],
-            nodes_to_quantize=chosen or None,
-            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False, "CalibPercentile": 99.999,
-                           "CalibStridedMinMax": reader.stride()},
-        )  # fmt: skip
+        try:
+            _quantize(prepared, out_path, reader, method, chosen)
+        except ValueError as error:  # np.histogram on an activation with a near-zero range
+            if "Too many bins" not in str(error):
+                raise
+            raise UserError(
+                f"{method} calibration failed: an activation is (nearly) constant on these images, which ONNX "
+                "Runtime's histograms cannot bin; use --calib-method minmax"
+            ) from None
     _stamp(Path(out_path), dataclasses.replace(metadata, precision="int8"))
     return Path(out_path)
+
+
+def _quantize(prepared: Path, out_path: Path | str, reader: _BatchReader, method: str, chosen: list[str]) -> None:
+    """ORT's static QDQ quantization: per-channel symmetric INT8 weights, UINT8 activations, strided calibration."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}  # fmt: skip
+    quantize_static(
+        str(prepared), str(out_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=methods[method],
+        nodes_to_quantize=chosen or None,
+        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False, "CalibPercentile": 99.999,
+                       "CalibStridedMinMax": reader.stride()},
+    )  # fmt: skip
 
 
 def convert_fp16(fp32_onnx: Path | str, out_path: Path | str) -> Path:
