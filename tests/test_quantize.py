@@ -71,6 +71,8 @@ def test_int8_export_through_the_cli(tmp_path, calib_dir, tiny_config, capsys):
     want, got = depth_of(fp32, image), depth_of(int8, image)  # the node's engine runs it unchanged
     assert got.shape == (120, 400) and np.isfinite(got).all()
     assert np.median(np.abs(got - want) / want) < 0.05
+    assert run_bench(int8, backend="onnxruntime-cpu", runs=1)["median_ms"] > 0
+    assert "input 64x192, int8, random-init weights" in capsys.readouterr().out
 
 
 def test_fp16_export_keeps_float32_inputs_and_outputs(tmp_path, tiny_config):
@@ -146,3 +148,20 @@ def test_depth_error_report_in_metres_and_relative(tmp_path):
 def test_precision_path_names_the_precision():
     fp32 = Path("models/efficientnet_b0_352x1216.onnx")
     assert precision_path(fp32, "int8") == Path("models/efficientnet_b0_352x1216_int8.onnx")
+
+
+@pytest.mark.slow
+def test_quantization_benchmark_quick_writes_the_table(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "quantization.json"
+    argv = [sys.executable, str(REPO / "benchmarks" / "quantization.py"), "--quick", "--cache", str(tmp_path), "--out"]
+    done = subprocess.run([*argv, str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["arch"] == "mobilenetv2_100" and report["int8"]["calibration"] == report["calibration"]["chosen"]
+    assert {"abs_rel", "d1", "rmse"} <= report["fp32"].keys() and {"abs_rel", "d1"} <= report["int8"].keys()
+    assert {"minmax", "entropy", "percentile", "minmax_all_nodes"} <= report["calibration"]["val"].keys()
+    assert report["activation_probe"]["efficientnet_b0"]["int8_ms"] > 0
