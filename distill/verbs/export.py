@@ -250,7 +250,7 @@ def export_onnx(
     divisor = int(getattr(model, "size_divisor", 32))
     pad = (-size[0] % divisor, -size[1] % divisor)
     if dynamic and any(pad):
-        size = (size[0] + pad[0], size[1] + pad[1])
+        size = _traced_size(size, divisor)
         print(f"--dynamic: traced at {size[0]}x{size[1]}; the graph takes any height and width that are multiples "
               f"of {divisor}")  # fmt: skip
         pad = (0, 0)

@@ -10,6 +10,7 @@ ranges are those the model sees on the robot. `convert_fp16`: FP16 weights and c
 Both copy the FP32 model's depthkd metadata with `precision` set, so `depth_node` and `distill bench` run the result
 unchanged. `distill export --int8/--fp16` calls them; so can benchmarks and training code:
 
+    from distill.verbs.calibration import calibration_images
     from distill.verbs.quantize import quantize_int8, convert_fp16, precision_path
     quantize_int8(fp32, precision_path(fp32, "int8"), calibration_images("data/my_robot.mcap"))
 """
