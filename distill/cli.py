@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--calib", type=Path, default=None, help="images/dataset/bag: the parity check's inputs, and INT8 calibration"
     )
     export.add_argument(
-        "--calib-method", default=None, help="ONNX INT8 calibration: minmax | entropy | percentile (default: minmax)"
+        "--calib-method", default=None, help="ONNX INT8 calibration: minmax|entropy|percentile (default: percentile)"
     )
     export.add_argument("--opset", type=int, default=17)
     export.add_argument("--arch", default=None, help="with --random-init: student architecture")

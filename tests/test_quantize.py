@@ -21,7 +21,7 @@ from distill.errors import UserError
 from distill.verbs.bench import run_bench
 from distill.verbs.export import run_export
 from distill.verbs.parity import compare_precision, image_feeds, smooth_random_image
-from distill.verbs.quantize import HEAD_NODES, precision_path, quantize_int8
+from distill.verbs.quantize import precision_path, quantize_int8
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = (64, 192)
@@ -71,6 +71,8 @@ def test_int8_export_through_the_cli(tmp_path, calib_dir, tiny_config, capsys):
     want, got = depth_of(fp32, image), depth_of(int8, image)  # the node's engine runs it unchanged
     assert got.shape == (120, 400) and np.isfinite(got).all()
     assert np.median(np.abs(got - want) / want) < 0.05
+    assert run_bench(int8, backend="onnxruntime-cpu", runs=1)["median_ms"] > 0
+    assert "input 64x192, int8, random-init weights" in capsys.readouterr().out
 
 
 def test_fp16_export_keeps_float32_inputs_and_outputs(tmp_path, tiny_config):
@@ -100,19 +102,21 @@ def test_int8_dynamic_model_runs_at_two_sizes(tmp_path, calib_dir):
         assert depth.shape == size and np.isfinite(depth).all()
 
 
-def test_the_head_can_stay_in_float(tmp_path, tiny_config, calib_dir):
+def test_the_bins_head_stays_in_float_unless_every_node_is_asked_for(tmp_path, tiny_config, calib_dir):
     fp32 = run_export(None, out=tmp_path, random_init=True, config=tiny_config, size=SIZE)[0]
     images = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in sorted(calib_dir.glob("*.png"))]
-    whole = quantize_int8(fp32, tmp_path / "whole.onnx", images, "minmax")
-    kept = quantize_int8(fp32, tmp_path / "kept.onnx", images, "percentile", keep_float=(HEAD_NODES,))
+    default = quantize_int8(fp32, tmp_path / "default.onnx", images, "minmax")
+    every = quantize_int8(fp32, tmp_path / "every.onnx", images, "percentile", scopes=None)
 
-    def logits_weights_are_int8(path: Path) -> bool:
+    def int8_weights(path: Path, scope: str) -> int:
+        """Conv nodes under `scope` whose weights come from a DequantizeLinear (INT8 initializers)."""
         graph = onnx.load(str(path)).graph
         producers = {output: node for node in graph.node for output in node.output}
-        logits = next(n for n in graph.node if n.name.startswith(HEAD_NODES) and n.op_type == "Conv")
-        return logits.input[1] in producers and producers[logits.input[1]].op_type == "DequantizeLinear"
+        convs = [n for n in graph.node if n.name.startswith(scope) and n.op_type == "Conv"]
+        return sum(c.input[1] in producers and producers[c.input[1]].op_type == "DequantizeLinear" for c in convs)
 
-    assert logits_weights_are_int8(whole) and not logits_weights_are_int8(kept)
+    assert int8_weights(default, "/model/encoder/") > 10 and int8_weights(default, "/model/head/decoder/") > 0
+    assert int8_weights(default, "/model/head/bins/") == 0 and int8_weights(every, "/model/head/bins/") > 0
     with pytest.raises(UserError, match="unknown method 'kl'"):
         quantize_int8(fp32, tmp_path / "x.onnx", images, "kl")
     with pytest.raises(UserError, match="no usable images"):
@@ -144,3 +148,20 @@ def test_depth_error_report_in_metres_and_relative(tmp_path):
 def test_precision_path_names_the_precision():
     fp32 = Path("models/efficientnet_b0_352x1216.onnx")
     assert precision_path(fp32, "int8") == Path("models/efficientnet_b0_352x1216_int8.onnx")
+
+
+@pytest.mark.slow
+def test_quantization_benchmark_quick_writes_the_table(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "quantization.json"
+    argv = [sys.executable, str(REPO / "benchmarks" / "quantization.py"), "--quick", "--cache", str(tmp_path), "--out"]
+    done = subprocess.run([*argv, str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["arch"] == "mobilenetv2_100" and report["int8"]["calibration"] == report["calibration"]["chosen"]
+    assert {"abs_rel", "d1", "rmse"} <= report["fp32"].keys() and {"abs_rel", "d1"} <= report["int8"].keys()
+    assert {"minmax", "entropy", "percentile", "minmax_all_nodes"} <= report["calibration"]["val"].keys()
+    assert report["activation_probe"]["efficientnet_b0"]["int8_ms"] > 0

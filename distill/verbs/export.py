@@ -4,7 +4,8 @@ The ONNX graph takes `image` (B, 3, H, W) float32, RGB normalised with the model
 (B, 1, H, W) metres (or relative units, see the metadata's output_kind) and, for models with depth bins,
 `confidence` (B, 1, H, W) = the largest bin probability, bilinearly upsampled. Its `metadata_props["depthkd"]`
 holds `depth_node.metadata.ModelMetadata`, so the runtime needs nothing else. Every export is checked against
-PyTorch with ONNX Runtime (max relative error <= 1e-3) and ends by printing the commands that use it.
+PyTorch with ONNX Runtime (max relative error <= 1e-3) and ends by printing the commands that use it. `--int8` /
+`--fp16` add an INT8 / FP16 ONNX model beside the FP32 one (`distill.verbs.quantize`), checked against it.
 """
 
 from __future__ import annotations
@@ -249,7 +250,7 @@ def export_onnx(
     divisor = int(getattr(model, "size_divisor", 32))
     pad = (-size[0] % divisor, -size[1] % divisor)
     if dynamic and any(pad):
-        size = (size[0] + pad[0], size[1] + pad[1])
+        size = _traced_size(size, divisor)
         print(f"--dynamic: traced at {size[0]}x{size[1]}; the graph takes any height and width that are multiples "
               f"of {divisor}")  # fmt: skip
         pad = (0, 0)

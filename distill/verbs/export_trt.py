@@ -9,6 +9,7 @@ without TensorRT.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -112,7 +113,7 @@ def build_engine(
         "onnx": os.path.relpath(onnx_path.resolve(), engine_path.parent.resolve()),
         "onnx_sha256": sha256_file(onnx_path),
         "profile": profile,
-        "metadata": json.loads(metadata.to_json()),
+        "metadata": json.loads(dataclasses.replace(metadata, precision=precision).to_json()),
     }
     engine_path.with_name(engine_path.name + ".json").write_text(json.dumps(sidecar, indent=1))
     return engine_path

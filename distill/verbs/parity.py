@@ -79,11 +79,17 @@ def smooth_random_image(size: tuple[int, int], seed: int) -> np.ndarray:
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
-    """max |actual - expected| / |expected|, the denominator floored at 0.1 % of max |expected| (near-zero values)."""
+def relative_errors(actual: np.ndarray, expected: np.ndarray) -> np.ndarray:
+    """|actual - expected| / |expected| per element, the denominator floored at 0.1 % of max |expected|
+    (near-zero values)."""
     expected = np.asarray(expected, np.float64)
     floor = max(1e-3 * float(np.abs(expected).max(initial=0.0)), 1e-12)
-    return float((np.abs(np.asarray(actual, np.float64) - expected) / np.maximum(np.abs(expected), floor)).max())
+    return np.abs(np.asarray(actual, np.float64) - expected) / np.maximum(np.abs(expected), floor)
+
+
+def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    """The worst of `relative_errors`."""
+    return float(relative_errors(actual, expected).max(initial=0.0))
 
 
 def check_parity(wrapper: nn.Module, path: Path, samples: list[dict[str, np.ndarray]]) -> float:
@@ -124,9 +130,8 @@ def compare_precision(reference: Path, candidate: Path, images: list[np.ndarray]
     absolute, relative = [], []
     for image in images:
         want, got = (np.asarray(session.run(["depth"], {"image": image})[0], np.float64) for session in sessions)
-        floor = max(1e-3 * float(np.abs(want).max(initial=0.0)), 1e-12)
         absolute.append(np.abs(got - want).ravel())
-        relative.append((np.abs(got - want) / np.maximum(np.abs(want), floor)).ravel())
+        relative.append(relative_errors(got, want).ravel())
     absolute, relative = np.concatenate(absolute), np.concatenate(relative)
     return DepthError(
         float(np.median(absolute)), float(np.median(relative)), float(np.percentile(relative, 95)), len(images)
