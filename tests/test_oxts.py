@@ -46,7 +46,9 @@ def test_oxts_packets_round_trip_to_the_poses_written(tmp_path):
     for index, line in enumerate(lines):
         (tmp_path / "oxts" / "data").mkdir(parents=True, exist_ok=True)
         (tmp_path / "oxts" / "data" / f"{index:010d}.txt").write_text(line)
-    read_back = poses_from_oxts(read_oxts(tmp_path))
+    frames, read = read_oxts(tmp_path)
+    assert frames.tolist() == list(range(6))
+    read_back = poses_from_oxts(read)
     expected = poses.copy()
     expected[:, :3, 3] -= poses[0, :3, 3]  # the devkit's poses start at the first frame
     np.testing.assert_allclose(read_back, expected, atol=1e-6)  # micrometres over ~50 m
@@ -67,7 +69,7 @@ def test_synth_oxts_give_the_renderers_camera_motion(synth_root):
     drive = drives(synth_root)[0]
     calib = read_calib(drive.parent)
     poses = camera_poses(drive, calib)
-    assert len(poses) == len(list((drive / "image_02" / "data").glob("*.png")))
+    assert list(poses) == list(range(len(list((drive / "image_02" / "data").glob("*.png")))))
     assert (drive / "oxts" / "timestamps.txt").read_text().count("\n") == len(poses)
     assert (drive / "oxts" / "dataformat.txt").read_text().split() == list(OXTS_FIELDS)
     # Rebuild the renderer's camera of drive 1 (same entropy as write_world: seed 0, domain kitti, drive 1).
@@ -115,3 +117,16 @@ def test_bag_tf_odometry_reads_back_with_rosbags(synth_root):
         )
     with pytest.raises(UserError, match=r"no /tf transform map -> base_link \(found: odom -> base_link\)"):
         read_odometry(bag, parent="map")
+
+
+def test_real_kitti_oxts_give_a_rigid_camera_pose(shared_data):
+    """KITTI raw 2011_09_26_drive_0001 frame 5 (the sample holds that one): the devkit pose of camera 2."""
+    drive = shared_data / "kitti_raw_sample" / "2011_09_26" / "2011_09_26_drive_0001_sync"
+    poses = camera_poses(drive, read_calib(drive.parent))
+    assert list(poses) == [5]
+    rotation = poses[5][:3, :3]
+    assert np.linalg.det(rotation) == pytest.approx(1.0, abs=1e-4)
+    np.testing.assert_allclose(rotation @ rotation.T, np.eye(3), atol=1e-4)
+    heading = rotation @ [0.0, 0.0, 1.0]  # the optical axis points where the car heads: yaw -2.6217 rad
+    assert np.arctan2(heading[1], heading[0]) == pytest.approx(-2.6217, abs=0.03)
+    assert abs(heading[2]) < 0.05  # level, as the car

@@ -91,12 +91,12 @@ def velodyne_to_rectified(calib: Mapping[str, np.ndarray]) -> np.ndarray:
     return rectify @ velo_to_cam
 
 
-def camera_poses(drive_dir: Path, calib: Mapping[str, np.ndarray], cam: int = 2) -> np.ndarray | None:
+def camera_poses(drive_dir: Path, calib: Mapping[str, np.ndarray], cam: int = 2) -> dict[int, np.ndarray] | None:
     """Poses of rectified camera `cam` per frame of a drive, from its OXTS packets and calib_imu_to_velo.txt.
 
     Returns:
-        (N, 4, 4) float64 T_world_cam (camera coordinates -> the devkit's local level frame, metres), or None when
-        the drive has no oxts folder or its day no calib_imu_to_velo.txt.
+        frame number -> (4, 4) float64 T_world_cam (camera coordinates -> the devkit's local level frame, metres),
+        or None when the drive has no oxts folder or its day no calib_imu_to_velo.txt.
     """
     drive_dir = Path(drive_dir)
     imu_calib_path = drive_dir.parent / "calib_imu_to_velo.txt"
@@ -112,7 +112,8 @@ def camera_poses(drive_dir: Path, calib: Mapping[str, np.ndarray], cam: int = 2)
     cam_from_rect[:3, 3] = np.linalg.solve(projection[:, :3], projection[:, 3])
     # Affine, not rigid: the rounded calib numbers are what the projection uses, so invert them exactly.
     cam_from_imu = cam_from_rect @ velodyne_to_rectified(calib) @ velo_from_imu
-    return read_imu_poses(drive_dir) @ np.linalg.inv(cam_from_imu)
+    imu_from_cam = np.linalg.inv(cam_from_imu)
+    return {frame: pose @ imu_from_cam for frame, pose in read_imu_poses(drive_dir).items()}
 
 
 def read_velodyne(path: Path) -> np.ndarray:
@@ -258,7 +259,7 @@ class KittiDataset(Dataset):
         self.depth_range, self.transform = depth_range, transform
         self.lidar_beams = _beam_choices(lidar_beams)
         self._calib: dict[Path, dict[str, np.ndarray]] = {}
-        self._poses: dict[tuple[str, int], np.ndarray | None] = {}
+        self._poses: dict[tuple[str, int], dict[int, np.ndarray] | None] = {}
         split = read_split(split_file) if split_file else list_frames(self.raw_root)
         self.frames = self._index(split, Path(gt_root) if gt_root else None, split_file or self.raw_root)
 
@@ -302,7 +303,7 @@ class KittiDataset(Dataset):
         if (drive, cam) not in self._poses:
             self._poses[(drive, cam)] = camera_poses(self.raw_root / drive, self.calib(drive), cam)
         poses = self._poses[(drive, cam)]
-        return None if poses is None or frame >= len(poses) else poses[frame]
+        return None if poses is None else poses.get(frame)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         drive, frame, cam, image_path, depth_path = self.frames[index]

@@ -122,10 +122,18 @@ def poses_from_oxts(packets: np.ndarray) -> np.ndarray:
     return poses
 
 
-def read_oxts(drive_dir: Path) -> np.ndarray:
-    """(N, 30) OXTS packets of a drive folder (<drive>_sync/oxts/data/*.txt, frame order); UserError if unreadable."""
+def read_oxts(drive_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The OXTS packets of a drive folder (<drive>_sync/oxts/data/%010d.txt), in frame order.
+
+    Returns:
+        frames: (N,) int64 frame numbers (from the file names; a partial download may lack some).
+        packets: (N, 30) float64 in `OXTS_FIELDS` order.
+
+    Raises:
+        UserError: no OXTS file, or one that is unreadable or does not hold 30 numbers.
+    """
     files = sorted((Path(drive_dir) / "oxts" / "data").glob("*.txt"))
-    if not files:
+    if not files or not all(path.stem.isdigit() for path in files):
         raise UserError(f"no OXTS poses in {drive_dir}: expected oxts/data/0000000000.txt, ...")
     try:
         packets = [np.array(path.read_text().split(), dtype=np.float64) for path in files]
@@ -133,9 +141,10 @@ def read_oxts(drive_dir: Path) -> np.ndarray:
         raise UserError(f"cannot read the OXTS poses of {drive_dir}: {error}") from None
     if bad := [path.name for path, packet in zip(files, packets) if packet.size != len(OXTS_FIELDS)]:
         raise UserError(f"OXTS file {Path(drive_dir) / 'oxts' / 'data' / bad[0]} does not hold 30 numbers")
-    return np.stack(packets)
+    return np.array([int(path.stem) for path in files], np.int64), np.stack(packets)
 
 
-def read_imu_poses(drive_dir: Path) -> np.ndarray:
-    """(N, 4, 4) IMU poses of a drive folder, one per frame (see `poses_from_oxts`)."""
-    return poses_from_oxts(read_oxts(drive_dir))
+def read_imu_poses(drive_dir: Path) -> dict[int, np.ndarray]:
+    """Frame number -> (4, 4) IMU pose of a drive folder (see `poses_from_oxts`)."""
+    frames, packets = read_oxts(drive_dir)
+    return dict(zip(frames.tolist(), poses_from_oxts(packets)))
