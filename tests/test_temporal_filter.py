@@ -81,6 +81,20 @@ def test_the_blend_is_the_weighted_geometric_mean_along_the_motion():
     np.testing.assert_allclose(out, np.exp(0.75 * np.log(8.0) + 0.25 * np.log(10.0)), rtol=1e-6)
 
 
+def test_carrying_the_previous_frame_leaves_no_holes_when_the_view_zooms_in():
+    from depth_node.temporal_filter import carry_previous
+
+    carried = carry_previous(
+        np.full((HEIGHT, WIDTH), 10.0), np.full((HEIGHT, WIDTH), 8.0), P, np.linalg.inv(camera_at(2.0))
+    )
+    np.testing.assert_allclose(carried, 8.0)  # every pixel: the wall 2 m closer, seen before at 10 m
+    right = np.eye(4)
+    right[0, 3] = -1.0  # the camera moved 1 m right: the wall 10 m ahead shifts 5 px left
+    beside = carry_previous(np.full((HEIGHT, WIDTH), 10.0), np.full((HEIGHT, WIDTH), 10.0), P, right)
+    np.testing.assert_allclose(beside[:, :-5], 10.0)
+    assert not beside[:, -5:].any()  # those pixels were outside the previous view
+
+
 def test_odometry_buffer_composes_tf_with_the_static_mount_at_the_nearest_stamp():
     buffer = OdometryBuffer("odom")
     mount = camera_at(1.5)  # camera 1.5 m along base_link's z, say

@@ -69,9 +69,9 @@ PARAMETERS: dict[str, ParamSpec] = {
     ),
     "alignment_momentum": ParamSpec(0.9, "temporal smoothing of scale/shift in [0, 1) (0: per frame)", runtime=True),
     "temporal_filter": ParamSpec(
-        0.0, "weight in [0, 1) of the previous depth, moved by /tf odometry, blended into each frame (0: off)"
+        0.0, "weight in [0, 1) of the previous depth, moved by /tf odometry, blended into each frame (0: off; try 0.7)"
     ),
-    "temporal_tolerance": ParamSpec(0.1, "largest |ln previous - ln new| depth still blended (moving objects are not)"),
+    "temporal_tolerance": ParamSpec(0.2, "largest |ln previous - ln new| depth still blended (moving objects are not)"),
     "odom_frame": ParamSpec("odom", "fixed frame of the /tf odometry the temporal filter follows"),
     "completion_model": ParamSpec("", "exported completion network run on LiDAR-aligned frames (empty: aligned only)"),
     "lazy": ParamSpec(True, "no inference while nobody subscribes to an output", runtime=True),

@@ -1,10 +1,10 @@
 """Temporal filtering of metric depth with odometry: the previous output, moved by the camera's motion, is blended
 with the new frame, so static surfaces stop flickering. ROS-free numpy; the node feeds it /tf and /tf_static.
 
-Per frame t with camera pose T_odom_cam(t): the previous filtered depth is forward-warped into frame t
-(`geometry.forward_warp`, relative pose inv(T_odom_cam(t)) @ T_odom_cam(t-1)); where it lands and agrees with the new
-depth, |ln warped - ln new| < `tolerance`, the output is the weighted geometric mean
-exp((1 - w) ln new + w ln warped), elsewhere (disocclusions, moving objects, sky, invalid pixels) the new depth as is.
+Per frame t with camera pose T_odom_cam(t): the previous filtered depth is carried into frame t (`carry_previous`,
+relative pose inv(T_odom_cam(t)) @ T_odom_cam(t-1)); where it agrees with the new depth, |ln carried - ln new| <
+`tolerance`, the output is the weighted geometric mean exp((1 - w) ln new + w ln carried), elsewhere (disocclusions,
+moving objects, sky, invalid pixels) the new depth as is.
 That is an exponential moving average along the motion: on static surfaces frame-to-frame noise shrinks, and the
 tolerance keeps it from dragging moving objects or newly seen surfaces. Without a pose, or after a jump in stamps
 or image size, the filter restarts from the new frame.
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from depth_node.geometry import forward_warp, lookup_transform
+from depth_node.geometry import backproject, lookup_transform, project_points, transform_points
 
 MAX_GAP_NS = 500_000_000  # frames further apart than this (or going back in time) restart the filter
 
@@ -74,11 +74,11 @@ class TemporalFilter:
 
     Attributes:
         weight: w in [0, 1): share of the warped previous output (0: off).
-        tolerance: largest |ln warped - ln new| still blended (0.1: 10 %).
+        tolerance: largest |ln carried - ln new| still blended (0.2: about 20 %).
     """
 
-    weight: float = 0.5
-    tolerance: float = 0.1
+    weight: float = 0.7
+    tolerance: float = 0.2
     _previous: tuple[int, np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
     def reset(self) -> None:
@@ -107,10 +107,45 @@ class TemporalFilter:
         return out
 
     def _blend(self, depth: np.ndarray, projection, T_cur_prev: np.ndarray, previous: np.ndarray) -> np.ndarray:
-        warped, _ = forward_warp(previous, projection, T_cur_prev)
+        carried = carry_previous(previous, depth, projection, T_cur_prev)
         with np.errstate(divide="ignore", invalid="ignore"):
-            log_new, log_warped = np.log(depth), np.log(warped)
-            close = (warped > 0) & (depth > 0) & np.isfinite(depth) & (np.abs(log_warped - log_new) < self.tolerance)
+            log_new, log_carried = np.log(depth), np.log(carried)
+            close = (carried > 0) & (depth > 0) & np.isfinite(depth) & (np.abs(log_carried - log_new) < self.tolerance)
         blended = depth.copy()
-        blended[close] = np.exp((1 - self.weight) * log_new[close] + self.weight * log_warped[close])
+        blended[close] = np.exp((1 - self.weight) * log_new[close] + self.weight * log_carried[close])
         return blended
+
+
+def carry_previous(
+    previous: np.ndarray, depth: np.ndarray, projection: np.ndarray, T_cur_prev: np.ndarray
+) -> np.ndarray:
+    """The previous frame's depth brought into the current view, one value per current pixel (a backward warp).
+
+    Each pixel's point (from the new `depth`) is moved into the previous view to find where that surface was seen
+    (nearest pixel); the previous depth there is back-projected and moved into the current view, and its z is the
+    carried depth. Unlike splatting the previous frame forward, this leaves no holes where the view zooms in.
+
+    Args:
+        previous, depth: (H, W) metres of the previous and the current frame; NaN, +-Inf and <= 0 are invalid.
+        projection: (3, 4) P of both (Tx = Ty = 0).
+        T_cur_prev: (4, 4) taking previous-camera points into the current camera.
+
+    Returns:
+        (H, W) float64 metres, 0 where the point leaves the previous view or meets no valid previous depth.
+    """
+    height, width = depth.shape
+    fx, fy, cx, cy = projection[0, 0], projection[1, 1], projection[0, 2], projection[1, 2]
+    points = backproject(depth, projection).reshape(-1, 3)
+    u, v, z = project_points(transform_points(np.linalg.inv(T_cur_prev), points), projection)
+    with np.errstate(invalid="ignore"):
+        columns, rows = np.rint(u), np.rint(v)
+        inside = (z > 1e-6) & (columns >= 0) & (columns < width) & (rows >= 0) & (rows < height)
+    columns, rows = columns[inside], rows[inside]
+    seen = np.asarray(previous, np.float64).ravel()[rows.astype(np.int64) * width + columns.astype(np.int64)]
+    valid = np.isfinite(seen) & (seen > 0)
+    seen_points = (
+        np.stack([(columns - cx) / fx, (rows - cy) / fy, np.ones_like(seen)], axis=1)[valid] * seen[valid, None]
+    )
+    carried = np.zeros(height * width)
+    carried[np.flatnonzero(inside)[valid]] = transform_points(T_cur_prev, seen_points)[:, 2]
+    return carried.reshape(height, width)
