@@ -45,7 +45,6 @@ def pair_flicker(
     T_cur_prev: np.ndarray,
     *,
     depth_range: tuple[float, float] = (1e-3, 80.0),
-    mask: np.ndarray | None = None,
     tolerance: float = TOLERANCE,
 ) -> tuple[float, int]:
     """Flicker of one pair of consecutive frames (see the module docstring).
@@ -55,7 +54,6 @@ def pair_flicker(
         gts: (D_{t-1}, D_t), each (H, W) metres, outside the open `depth_range` (or non-finite) = no label.
         K: (3, 3) intrinsics of both frames, pixels.
         T_cur_prev: (4, 4) taking camera(t-1) coordinates into camera(t), metres.
-        mask: optional (H, W) bool of the pixels of t that may count (e.g. the evaluation crop).
         tolerance: see `TOLERANCE`.
 
     Returns:
@@ -68,7 +66,7 @@ def pair_flicker(
         labelled_cur = np.isfinite(gt_cur) & (gt_cur > low) & (gt_cur < high)
     projection = np.concatenate([np.asarray(K, np.float64), np.zeros((3, 1))], axis=1)
     moved, source = forward_warp(np.where(labelled_prev, gt_prev, 0.0), projection, T_cur_prev)
-    shared = (source >= 0) & labelled_cur & (mask if mask is not None else True)
+    shared = (source >= 0) & labelled_cur
     with np.errstate(divide="ignore", invalid="ignore"):
         shared &= np.abs(np.log(moved) - np.log(gt_cur)) < tolerance
     if not shared.any():
@@ -89,7 +87,7 @@ class FlickerAccumulator:
     def __init__(self, depth_range: tuple[float, float], align: Align = None) -> None:
         self.depth_range, self.align = depth_range, align
         self.previous: tuple | None = None
-        self.total, self.pairs, self.pixels = 0.0, 0, 0
+        self.total, self.pairs = 0.0, 0
 
     def update(self, pred, gt, K, pose: np.ndarray, drive: str, frame: int) -> None:
         """Add one frame: (H, W) prediction and ground truth (metres), (3, 3) K, (4, 4) T_world_cam pose."""
@@ -106,7 +104,7 @@ class FlickerAccumulator:
         preds, gts = (previous[2], pred), (previous[3], gt)
         value, pixels = pair_flicker(preds, gts, K, T_cur_prev, depth_range=self.depth_range)
         if pixels:
-            self.total, self.pairs, self.pixels = self.total + value, self.pairs + 1, self.pixels + pixels
+            self.total, self.pairs = self.total + value, self.pairs + 1
 
     def result(self) -> dict[str, float | int]:
         """{"flicker": mean over pairs, "flicker_pairs": pairs counted}; empty when no pair was seen."""
