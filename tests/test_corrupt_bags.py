@@ -122,6 +122,7 @@ def test_a_corrupt_mcap_chunk_is_read_up_to_the_damage(bags, damage, tmp_path, c
 
     intact = stamps(bag)
     got, warning = read_damaged(damaged(bag, tmp_path, corrupt), intact, caplog)
+
     def used(chunk) -> int:
         return sum(count for channel, count in chunk.channel_count.items() if channel not in odometry)
 
