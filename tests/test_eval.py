@@ -69,6 +69,24 @@ def test_checkpoint_on_a_dataset_folder_prints_the_table_and_writes_json(tmp_pat
     assert all(np.isfinite(report["metrics"][key]) for key in METRIC_KEYS)
 
 
+def test_sequences_with_poses_report_flicker_beside_the_kitti_metrics(tmp_path, run_dir, synth_root, capsys):
+    """The synthetic world writes OXTS poses: consecutive test frames of a drive give flicker (see distill.flicker)."""
+    out = tmp_path / "metrics.json"
+    assert cli_main(["eval", str(run_dir), "--data", str(synth_root), "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads(out.read_text())["metrics"]
+    lines = (synth_root / "splits" / "test.txt").read_text().splitlines()
+    assert metrics["flicker_pairs"] == len(lines) - len({line.split()[0] for line in lines}) >= 1
+    assert 0 < metrics["flicker"] < 1 and f"flicker {metrics['flicker']:.4f}" in printed
+    for drive in (synth_root / "kitti_raw").glob("*/*_sync"):  # without poses there is no flicker, and no error
+        (drive / "oxts" / "data").rename(drive / "oxts" / "moved")
+    try:
+        assert "flicker" not in run_eval(run_dir, data=synth_root)
+    finally:
+        for drive in (synth_root / "kitti_raw").glob("*/*_sync"):
+            (drive / "oxts" / "moved").rename(drive / "oxts" / "data")
+
+
 def test_config_yaml_data_section_and_eval_defaults_are_used(tmp_path, run_dir, synth_root):
     config = {"data": {"root": str(synth_root), "test_split": "val"}, "eval": {"crop": "none", "align": "median"}}
     path = tmp_path / "eval.yaml"

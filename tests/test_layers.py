@@ -12,7 +12,7 @@ PACKAGE = REPO / "distill"
 # Layers from the bottom up; a module may import its own layer and the ones below. Top-level helper modules are
 # layer 0 except the typed config (it types the data section) and the checkpoint storage it validates.
 LAYERS = [
-    {"errors", "parsing", "registry", "sample_data", "logging_utils", "drawing", "metrics", "losses"},
+    {"errors", "parsing", "registry", "sample_data", "logging_utils", "drawing", "metrics", "flicker", "losses"},
     {"data", "checkpoint_schema", "checkpoint"},
     {"config", "models"},
     {"inference"},

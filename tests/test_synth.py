@@ -27,6 +27,7 @@ TOPICS = {
     "/kitti/camera_color_left/camera_info": "sensor_msgs/msg/CameraInfo",
     "/kitti/velo/pointcloud": "sensor_msgs/msg/PointCloud2",
     "/tf_static": "tf2_msgs/msg/TFMessage",
+    "/tf": "tf2_msgs/msg/TFMessage",
 }
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{9}$")
 

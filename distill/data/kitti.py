@@ -28,6 +28,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from depth_node.geometry import points_to_depth_image, transform_points
+from distill.data.oxts import read_imu_poses
 from distill.data.samples import make_sample, read_depth_png, read_rgb
 from distill.data.transforms import crop
 from distill.errors import UserError
@@ -88,6 +89,31 @@ def velodyne_to_rectified(calib: Mapping[str, np.ndarray]) -> np.ndarray:
     rectify = np.eye(4)
     rectify[:3, :3] = calib["R_rect_00"].reshape(3, 3)
     return rectify @ velo_to_cam
+
+
+def camera_poses(drive_dir: Path, calib: Mapping[str, np.ndarray], cam: int = 2) -> dict[int, np.ndarray] | None:
+    """Poses of rectified camera `cam` per frame of a drive, from its OXTS packets and calib_imu_to_velo.txt.
+
+    Returns:
+        frame number -> (4, 4) float64 T_world_cam (camera coordinates -> the devkit's local level frame, metres),
+        or None when the drive has no oxts folder or its day no calib_imu_to_velo.txt.
+    """
+    drive_dir = Path(drive_dir)
+    imu_calib_path = drive_dir.parent / "calib_imu_to_velo.txt"
+    if not (drive_dir / "oxts" / "data").is_dir() or not imu_calib_path.is_file():
+        return None
+    imu_calib = read_calib_file(imu_calib_path)
+    if imu_calib.get("R", np.empty(0)).size != 9 or imu_calib.get("T", np.empty(0)).size != 3:
+        raise UserError(f"{imu_calib_path} lacks or has malformed R (9 numbers) / T (3 numbers)")
+    velo_from_imu = np.eye(4)
+    velo_from_imu[:3, :3], velo_from_imu[:3, 3] = imu_calib["R"].reshape(3, 3), imu_calib["T"]
+    projection, _ = camera_projection(calib, cam)
+    cam_from_rect = np.eye(4)
+    cam_from_rect[:3, 3] = np.linalg.solve(projection[:, :3], projection[:, 3])
+    # Affine, not rigid: the rounded calib numbers are what the projection uses, so invert them exactly.
+    cam_from_imu = cam_from_rect @ velodyne_to_rectified(calib) @ velo_from_imu
+    imu_from_cam = np.linalg.inv(cam_from_imu)
+    return {frame: pose @ imu_from_cam for frame, pose in read_imu_poses(drive_dir).items()}
 
 
 def read_velodyne(path: Path) -> np.ndarray:
@@ -237,6 +263,7 @@ class KittiDataset(Dataset):
         self.depth_range, self.transform = depth_range, transform
         self.lidar_beams, self.labelled = _beam_choices(lidar_beams), labelled
         self._calib: dict[Path, dict[str, np.ndarray]] = {}
+        self._poses: dict[tuple[str, int], dict[int, np.ndarray] | None] = {}
         split = read_split(split_file) if split_file else list_frames(self.raw_root)
         self.frames = self._index(split, Path(gt_root) if gt_root else None, split_file or self.raw_root)
 
@@ -273,6 +300,14 @@ class KittiDataset(Dataset):
         if calib_dir not in self._calib:
             self._calib[calib_dir] = read_calib(calib_dir)
         return self._calib[calib_dir]
+
+    def camera_pose(self, index: int) -> np.ndarray | None:
+        """(4, 4) T_world_cam of sample `index` (see `camera_poses`), None when its drive has no OXTS poses."""
+        drive, frame, cam = self.frames[index][:3]
+        if (drive, cam) not in self._poses:
+            self._poses[(drive, cam)] = camera_poses(self.raw_root / drive, self.calib(drive), cam)
+        poses = self._poses[(drive, cam)]
+        return None if poses is None else poses.get(frame)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         drive, frame, cam, image_path, depth_path = self.frames[index]

@@ -1,15 +1,18 @@
 """`distill synth`: render the procedural KITTI-like world to disk in KITTI's own layouts, plus rosbag2 recordings.
 
 OUT/
-  kitti_raw/<date>/calib_cam_to_cam.txt, calib_velo_to_cam.txt
+  kitti_raw/<date>/calib_cam_to_cam.txt, calib_velo_to_cam.txt, calib_imu_to_velo.txt (the IMU is at the Velodyne)
   kitti_raw/<date>/<date>_drive_NNNN_sync/image_02/data/%010d.png          RGB, rectified camera 2
   kitti_raw/<date>/<date>_drive_NNNN_sync/image_02/timestamps.txt
   kitti_raw/<date>/<date>_drive_NNNN_sync/velodyne_points/data/%010d.bin  (N, 4) float32 x, y, z, reflectance
   kitti_raw/<date>/<date>_drive_NNNN_sync/velodyne_points/timestamps{,_start,_end}.txt
+  kitti_raw/<date>/<date>_drive_NNNN_sync/oxts/data/%010d.txt, timestamps.txt, dataformat.txt
+                                                     the ego poses as KITTI OXTS packets (distill.data.oxts)
   data_depth_annotated/{train,val}/<date>_drive_NNNN_sync/proj_depth/groundtruth/image_02/%010d.png
                                                      dense uint16, metres * 256, 0 = invalid (sky, beyond 255 m)
   splits/{train,val,test}.txt                        Eigen format, one drive never appears in two splits
-  bags/<date>_drive_NNNN/                            rosbag2 (mcap or sqlite3) with the kitti2bag topics
+  bags/<date>_drive_NNNN/                            rosbag2 (mcap or sqlite3) with the kitti2bag topics and
+                                                     /tf odom -> base_link per frame
 
 The ground-truth depth is z along the optical axis of rectified camera 2 at each pixel centre, from the same ray
 cast as the image; the scan is cast in the same world at the same instant, so projecting it with the calib files
@@ -29,6 +32,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from distill.data.oxts import OXTS_FIELDS, oxts_from_poses, oxts_line
 from distill.data.synth_bag import DriveBag
 from distill.data.synth_calib import Rig, cam_to_cam_text, make_rig, velo_to_cam_text
 from distill.data.synth_raycast import cast
@@ -213,6 +217,8 @@ def write_calib(folder: Path, rig: Rig) -> None:
     calib_time = f"{day}-{MONTHS[int(month) - 1]}-{year} 09:00:00"  # KITTI's format, locale-free
     (folder / "calib_cam_to_cam.txt").write_text(cam_to_cam_text(rig, calib_time))
     (folder / "calib_velo_to_cam.txt").write_text(velo_to_cam_text(rig, calib_time))
+    # The ego poses are the Velodyne's, so the IMU sits at the Velodyne: identity IMU -> Velodyne.
+    (folder / "calib_imu_to_velo.txt").write_text(f"calib_time: {calib_time}\nR: 1 0 0 0 1 0 0 0 1\nT: 0 0 0\n")
 
 
 def _write_png(path: Path, image: np.ndarray) -> None:
@@ -233,6 +239,8 @@ def _write_drive(out, rig: Rig, rays, style, entropy: list[int], drive: Drive, b
     noise = np.random.default_rng(entropy + [1])
     start = drive_start_ns(style.date, drive.number)
     stamps = [start + frame * round(FRAME_PERIOD * 1e9) for frame in range(drive.frames)]
+    poses = np.stack([street.ego.matrix(frame * FRAME_PERIOD) for frame in range(drive.frames)])
+    odometry = _odometry(poses, rig.velo_height)
     with DriveBag(out / "bags" / name, bag, rig) if bag != "none" else contextlib.nullcontext() as recorder:
         if recorder:
             recorder.write_static_transform(stamps[0])
@@ -242,9 +250,11 @@ def _write_drive(out, rig: Rig, rays, style, entropy: list[int], drive: Drive, b
             _write_png(depths / "image_02" / f"{frame:010d}.png", encode_depth(depth))
             points.tofile(scans / f"{frame:010d}.bin")
             if recorder:
+                recorder.write_odometry(stamp, odometry[frame])
                 recorder.write_frame(stamp, image, points)
             progress.update()
     _write_timestamps(raw, stamps)
+    _write_oxts(raw / "oxts", poses, stamps)
     return [f"{style.date}/{name}_sync {frame} l" for frame in range(drive.frames)]
 
 
@@ -259,3 +269,22 @@ def _write_timestamps(raw: Path, stamps: list[int]) -> None:
     write(raw / "velodyne_points" / "timestamps.txt", 0)
     write(raw / "velodyne_points" / "timestamps_start.txt", -half_turn)
     write(raw / "velodyne_points" / "timestamps_end.txt", half_turn)
+
+
+def _odometry(velo_poses: np.ndarray, velo_height: float) -> np.ndarray:
+    """(N, 4, 4) odom -> base_link of (N, 4, 4) Velodyne poses in the world: base_link is on the road under the
+    Velodyne and odom is base_link at the first frame."""
+    base_in_velo = np.eye(4)
+    base_in_velo[2, 3] = -velo_height
+    base = velo_poses @ base_in_velo
+    return np.linalg.inv(base[0]) @ base
+
+
+def _write_oxts(folder: Path, poses: np.ndarray, stamps: list[int]) -> None:
+    """KITTI's oxts folder of a drive: one packet per frame (`distill.data.oxts`), its timestamps and dataformat."""
+    (folder / "data").mkdir(parents=True)
+    packets = oxts_from_poses(poses, (np.array(stamps) - stamps[0]) / 1e9)
+    for frame, packet in enumerate(packets):
+        (folder / "data" / f"{frame:010d}.txt").write_text(oxts_line(packet))
+    (folder / "timestamps.txt").write_text("".join(f"{timestamp_text(stamp)}\n" for stamp in stamps))
+    (folder / "dataformat.txt").write_text("".join(f"{name}\n" for name in OXTS_FIELDS))

@@ -3,6 +3,9 @@
 Conventions follow the real KITTI sample bag (shared/data/kitti_rosbag2_sample/SOURCE.txt): camera_color_left is the
 rectified camera-2 optical frame; its offset from rectified camera 0 (the last column of P_rect_02) is folded into the
 static transform velo_link -> camera_color_left, so CameraInfo.P = [K | 0] and pixel = K @ T_cam_velo @ X_velo.
+
+The vehicle's motion is on /tf (REP 105): odom -> base_link per frame, stamped like the frame, odom being base_link's
+pose at the first frame; base_link lies on the road under the Velodyne (static base_link -> velo_link on /tf_static).
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from distill.data.synth_calib import Rig
 IMAGE_TOPIC = "/kitti/camera_color_left/image_raw"
 CAMERA_INFO_TOPIC = "/kitti/camera_color_left/camera_info"
 CLOUD_TOPIC = "/kitti/velo/pointcloud"
-TF_STATIC_TOPIC = "/tf_static"
+TF_STATIC_TOPIC, TF_TOPIC = "/tf_static", "/tf"
 CAMERA_FRAME, VELO_FRAME = "camera_color_left", "velo_link"
+ODOM_FRAME, BASE_FRAME = "odom", "base_link"
 _FOREVER = QosTime(sec=2147483647, nsec=4294967295)
 
 
@@ -63,6 +67,7 @@ class DriveBag:
         volatile = _qos(10, QosDurability.VOLATILE)
         for topic, msgtype, qos in (
             (TF_STATIC_TOPIC, "tf2_msgs/msg/TFMessage", _qos(1, QosDurability.TRANSIENT_LOCAL)),
+            (TF_TOPIC, "tf2_msgs/msg/TFMessage", _qos(100, QosDurability.VOLATILE)),
             (CLOUD_TOPIC, "sensor_msgs/msg/PointCloud2", volatile),
             (CAMERA_INFO_TOPIC, "sensor_msgs/msg/CameraInfo", volatile),
             (IMAGE_TOPIC, "sensor_msgs/msg/Image", volatile),
@@ -83,19 +88,29 @@ class DriveBag:
         stamp = self.types["builtin_interfaces/msg/Time"](sec=stamp_ns // 10**9, nanosec=stamp_ns % 10**9)
         return self.types["std_msgs/msg/Header"](stamp=stamp, frame_id=frame_id)
 
-    def write_static_transform(self, stamp_ns: int) -> None:
-        """velo_link -> camera_color_left: the pose of the rectified camera 2 in the Velodyne frame."""
+    def _transform(self, stamp_ns: int, parent: str, child: str, rotation: np.ndarray, translation: np.ndarray):
+        """A TransformStamped: the pose (rotation (3, 3), translation (3,) metres) of `child` in `parent`."""
         t = self.types
-        rotation, translation = self.rig.camera_pose_in_velo()
         qx, qy, qz, qw = quaternion(rotation)
         transform = t["geometry_msgs/msg/Transform"](
             translation=t["geometry_msgs/msg/Vector3"](*(float(value) for value in translation)),
             rotation=t["geometry_msgs/msg/Quaternion"](x=qx, y=qy, z=qz, w=qw),
         )
-        stamped = t["geometry_msgs/msg/TransformStamped"](
-            header=self._header(stamp_ns, VELO_FRAME), child_frame_id=CAMERA_FRAME, transform=transform
+        return t["geometry_msgs/msg/TransformStamped"](
+            header=self._header(stamp_ns, parent), child_frame_id=child, transform=transform
         )
-        self._write(TF_STATIC_TOPIC, stamp_ns, t["tf2_msgs/msg/TFMessage"](transforms=[stamped]))
+
+    def write_static_transform(self, stamp_ns: int) -> None:
+        """velo_link -> camera_color_left (the pose of the rectified camera 2 in the Velodyne frame), then
+        base_link -> velo_link (the Velodyne `velo_height` metres above base_link)."""
+        camera = self._transform(stamp_ns, VELO_FRAME, CAMERA_FRAME, *self.rig.camera_pose_in_velo())
+        velo = self._transform(stamp_ns, BASE_FRAME, VELO_FRAME, np.eye(3), np.array([0.0, 0.0, self.rig.velo_height]))
+        self._write(TF_STATIC_TOPIC, stamp_ns, self.types["tf2_msgs/msg/TFMessage"](transforms=[camera, velo]))
+
+    def write_odometry(self, stamp_ns: int, pose: np.ndarray) -> None:
+        """odom -> base_link at `stamp_ns`: the (4, 4) rigid pose of base_link in odom (metres)."""
+        stamped = self._transform(stamp_ns, ODOM_FRAME, BASE_FRAME, pose[:3, :3], pose[:3, 3])
+        self._write(TF_TOPIC, stamp_ns, self.types["tf2_msgs/msg/TFMessage"](transforms=[stamped]))
 
     def write_frame(self, stamp_ns: int, image: np.ndarray, points: np.ndarray) -> None:
         """One frame: image (H, W, 3) uint8 RGB, its CameraInfo, and the scan (N, 4) float32 x, y, z, intensity."""

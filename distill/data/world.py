@@ -28,6 +28,7 @@ from distill.data.synth_scene import (
     Scene,
     SceneBuilder,
 )  # fmt: skip
+from distill.data.synth_sensors import rotation_z
 
 FRAME_PERIOD = 0.1  # seconds between frames (10 Hz, as KITTI)
 
@@ -155,6 +156,14 @@ class Ego:
         y = self.lane_y + self.sway * np.sin(angle)
         yaw = np.arctan(self.sway * 2 * np.pi / self.sway_period * np.cos(angle))
         return np.array([x, y, self.height]), float(yaw)
+
+    def matrix(self, time: float) -> np.ndarray:
+        """(4, 4) pose of the Velodyne in the world at `time` seconds: X_world = M @ X_velo (metres)."""
+        position, yaw = self.pose(time)
+        pose = np.eye(4)
+        pose[:3, :3] = rotation_z(yaw)
+        pose[:3, 3] = position
+        return pose
 
 
 def build_street(style: Style, rng: np.random.Generator, frames: int) -> Street:

@@ -4,6 +4,8 @@ Order of operations per frame: the predictor gives depth at the image's resoluti
 training size, see `distill.inference.open_predictor`), the prediction is compared at the ground truth's size; on
 native-size KB-cropped frames prediction and ground truth are pasted into the full-size canvas (zeros elsewhere)
 before the Garg/Eigen crop, as the KB-crop convention asks; `distill.metrics` masks, aligns, clamps and averages.
+With `temporal`, a dataset that knows its camera poses (`camera_pose(index)`, e.g. KITTI drives with OXTS) also
+gets the flicker of consecutive frames (`distill.flicker`), on the whole frames as predicted (no crop, no pasting).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from distill.flicker import FlickerAccumulator
 from distill.metrics import MetricAccumulator
 
 
@@ -31,6 +34,7 @@ def evaluate(
     num_workers: int = 0,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    temporal: bool = False,
 ) -> dict[str, float]:
     """Metrics of a predictor over a dataset (per-image means, see `distill.metrics.MetricAccumulator`).
 
@@ -44,21 +48,28 @@ def evaluate(
         num_workers: DataLoader workers.
         device: where images go before `predict`.
         progress: show a tqdm bar.
+        temporal: add "flicker" and "flicker_pairs" when the dataset has camera poses (frames in split order).
     """
     from tqdm import tqdm
 
     accumulator = MetricAccumulator(min_depth=min_depth, max_depth=max_depth, crop=crop, align=align)
     generator = torch.Generator().manual_seed(0)  # keeps the global RNG untouched (exact training resume)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, generator=generator)
+    camera_pose = getattr(dataset, "camera_pose", None) if temporal else None
+    flicker = FlickerAccumulator((min_depth, max_depth), align=align)
+    index = 0
     for batch in tqdm(loader, desc="eval", unit="batch", disable=not progress, leave=False):
         pred = predict(batch["image"].to(device)).float().cpu()
         for i in range(pred.shape[0]):
             meta = {key: value[i] for key, value in batch["meta"].items()}
             pred_i, gt_i = pred[i, 0].numpy(), batch["depth"][i, 0].numpy()
+            if camera_pose is not None and (pose := camera_pose(index)) is not None:
+                flicker.update(pred_i, gt_i, batch["K"][i].numpy(), pose, str(meta["drive"]), int(meta["frame"]))
+            index += 1
             if paste_full:
                 pred_i, gt_i = paste_into_full(pred_i, meta), paste_into_full(gt_i, meta)
             accumulator.update(pred_i, gt_i)
-    return accumulator.result()
+    return {**accumulator.result(), **flicker.result()}
 
 
 def paste_into_full(image: np.ndarray, meta: Mapping[str, Any]) -> np.ndarray:

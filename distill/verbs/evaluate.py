@@ -1,5 +1,6 @@
 """`distill eval`: a checkpoint or an exported model on a dataset's test split with the KITTI Eigen-split / NYU
-protocol (`distill.inference.evaluate`), printed as the papers' table and optionally written as JSON."""
+protocol (`distill.inference.evaluate`), printed as the papers' table and optionally written as JSON; on sequences
+with camera poses (KITTI drives with OXTS, the synthetic world) the flicker of consecutive frames too."""
 
 from __future__ import annotations
 
@@ -57,10 +58,13 @@ def run_eval(
     min_depth, max_depth = config.data.min_depth, config.data.max_depth
     metrics = evaluate(
         predict, dataset, crop=crop, align=align, min_depth=min_depth, max_depth=max_depth,
-        paste_full=config.data.size is None, device=device,
+        paste_full=config.data.size is None, device=device, temporal=True,
     )  # fmt: skip
     print(format_metrics_table({Path(checkpoint).name: metrics}))
     print(f"{metrics['count']} frames ({metrics['skipped']} without ground truth), crop {crop}, align {align}")
+    if "flicker" in metrics:
+        print(f"flicker {metrics['flicker']:.4f}: mean |ln d_t - ln warp(d_t-1)| over {metrics['flicker_pairs']} "
+              "consecutive pairs, static pixels seen in both (ego motion from the poses)")  # fmt: skip
     if json_out is not None:
         report = {"checkpoint": str(checkpoint), "data": str(data), "split": config.data.test_split,
                   "crop": crop, "align": align, "metrics": metrics}  # fmt: skip

@@ -137,6 +137,9 @@ class BagRun:
                 self.tf_edges[(transform.header.frame_id, transform.child_frame_id)] = transform_to_matrix(
                     transform.transform
                 )
+            self.stream.on_transforms(message, static=True)
+        elif role == "odometry":
+            self.stream.on_transforms(message, static=False)
         else:
             self.pending.append((timestamp, message))
 
@@ -261,7 +264,7 @@ def _remove(out_bag: Path) -> None:
 
 
 def _roles(reader: AnyReader, topics: dict[str, str], in_bag: Path) -> dict[str, str]:
-    """topic -> role ("image", "camera_info", "lidar", "tf"), checking the bag has what the run needs."""
+    """topic -> role ("image", "camera_info", "lidar", "tf", "odometry"), checking the bag has what the run needs."""
     available = {c.topic: c.msgtype for c in reader.connections}
     for role, topic in topics.items():
         if topic not in available:
@@ -269,7 +272,8 @@ def _roles(reader: AnyReader, topics: dict[str, str], in_bag: Path) -> dict[str,
     image_type = available[topics["image"]]
     if image_type not in (IMAGE, COMPRESSED_IMAGE):
         raise ValueError(f"{topics['image']} is {image_type}, not an Image or CompressedImage")
-    return {topic: role for role, topic in topics.items()} | ({"/tf_static": "tf"} if "/tf_static" in available else {})
+    tf = {topic: role for topic, role in (("/tf_static", "tf"), ("/tf", "odometry")) if topic in available}
+    return {topic: role for role, topic in topics.items()} | tf
 
 
 def build_parser() -> argparse.ArgumentParser:

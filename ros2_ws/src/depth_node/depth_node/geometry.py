@@ -1,5 +1,5 @@
 """Camera geometry in numpy, vectorised: rigid transforms, a static TF tree, projection, sparse depth from a point
-cloud (z-buffered) and depth back-projection.
+cloud (z-buffered), depth back-projection and forward warping of depth into another view.
 
 Conventions: camera optical frame (x right, y down, z forward), pixel (u, v) = column, row with integer
 coordinates at pixel centres, P the 3x4 rectified projection matrix as in CameraInfo.P / KITTI P_rect_0x.
@@ -80,15 +80,48 @@ def points_to_depth_image(
     depth = depth[in_front]
     inside = (columns >= 0) & (columns < width) & (rows >= 0) & (rows < height)
     flat = rows[inside] * width + columns[inside]
-    depth = depth[inside]
-    # Sort by pixel, then by depth: the first entry of each pixel is the nearest point (the z-buffer).
-    order = np.lexsort((depth, flat))
-    flat, depth = flat[order], depth[order]
-    first = np.ones(len(flat), dtype=bool)
-    first[1:] = flat[1:] != flat[:-1]
+    nearest = _nearest_per_pixel(flat, depth[inside])
     image = np.zeros(height * width, dtype=np.float32)
-    image[flat[first]] = depth[first]
+    image[flat[nearest]] = depth[inside][nearest]
     return image.reshape(height, width)
+
+
+def _nearest_per_pixel(flat: np.ndarray, depth: np.ndarray) -> np.ndarray:
+    """The z-buffer: indices into (N,) `flat` pixel numbers / `depth` of the nearest entry of each pixel hit."""
+    # Sort by pixel, then by depth: the first entry of each pixel is the nearest point.
+    order = np.lexsort((depth, flat))
+    first = np.ones(len(flat), dtype=bool)
+    first[1:] = flat[order][1:] != flat[order][:-1]
+    return order[first]
+
+
+def forward_warp(depth: np.ndarray, projection: np.ndarray, T_dst_src: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Move a depth image into another view of the same camera: back-project, transform, project (z-buffered).
+
+    Args:
+        depth: (H, W) metres along the optical axis of the source view; NaN, +-Inf and <= 0 are invalid.
+        projection: (3, 4) P of both views (Tx = Ty = 0).
+        T_dst_src: (4, 4) taking source-camera points into the destination camera (affine maps work too).
+
+    Returns:
+        depth: (H, W) float64 metres of the moved points in the destination view, 0 where none landed (the nearest
+            kept per pixel, pixels rounded to the nearest centre).
+        source: (H, W) int64 flat index (row * W + column) of the source pixel each destination pixel came from, -1
+            where none.
+    """
+    height, width = depth.shape
+    points = backproject(depth, projection).reshape(-1, 3)
+    valid = np.flatnonzero(np.isfinite(points[:, 2]))
+    u, v, z = project_points(transform_points(T_dst_src, points[valid]), projection)
+    with np.errstate(invalid="ignore"):
+        columns, rows = np.rint(u), np.rint(v)
+        keep = (z > 1e-6) & (columns >= 0) & (columns < width) & (rows >= 0) & (rows < height)
+    flat = rows[keep].astype(np.int64) * width + columns[keep].astype(np.int64)
+    nearest = _nearest_per_pixel(flat, z[keep])
+    moved, source = np.zeros(height * width), np.full(height * width, -1, dtype=np.int64)
+    moved[flat[nearest]] = z[keep][nearest]
+    source[flat[nearest]] = valid[keep][nearest]
+    return moved.reshape(height, width), source.reshape(height, width)
 
 
 def backproject(

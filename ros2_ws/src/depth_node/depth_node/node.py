@@ -23,7 +23,7 @@ from rclpy._rclpy_pybind11 import RCLError
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
-from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions, install_signal_handlers
 from rclpy.time import Time
 from rclpy.utilities import remove_ros_args
@@ -76,6 +76,8 @@ class DepthNode(Node):
         self.stream = FrameStream(self.pipeline, p, self._log, transform_for=lookup)
         self.counters = self.stream.counters
         self._create_topics(engine.metadata.output_kind)
+        if p["temporal_filter"]:
+            self._subscribe_tf()
         self._worker = threading.Thread(target=self._work, name="depth_inference", daemon=True)
         self._worker.start()
         topic = self.resolve_topic_name("image/compressed" if p["image_transport"] == "compressed" else "image")
@@ -141,6 +143,18 @@ class DepthNode(Node):
         }
         self.pub_diagnostics = self.create_publisher(DiagnosticArray, DIAGNOSTICS, 10)
         self._diagnostics_timer = self.create_timer(p["diagnostics_period"], self._publish_diagnostics)
+
+    def _subscribe_tf(self) -> None:
+        """/tf and /tf_static straight into the frame stream's odometry buffer (tf2_msgs only, no tf2_ros)."""
+        try:
+            from tf2_msgs.msg import TFMessage
+        except ImportError:
+            raise ValueError(
+                "temporal_filter needs tf2_msgs (ros-tf2-msgs) to hear /tf: it is not importable"
+            ) from None
+        static_qos = QoSProfile(depth=100, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        self.create_subscription(TFMessage, "/tf", lambda m: self.stream.on_transforms(m, False), QoSProfile(depth=100))
+        self.create_subscription(TFMessage, "/tf_static", lambda m: self.stream.on_transforms(m, True), static_qos)
 
     # --- callbacks: cheap, never block on inference -------------------------------------------------------------
     def _on_image(self, msg: Image | CompressedImage) -> None:

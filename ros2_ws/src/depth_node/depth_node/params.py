@@ -68,6 +68,11 @@ PARAMETERS: dict[str, ParamSpec] = {
         "huber", "robust scale/shift fit: huber (IRLS) or ransac", ("huber", "ransac"), runtime=True
     ),
     "alignment_momentum": ParamSpec(0.9, "temporal smoothing of scale/shift in [0, 1) (0: per frame)", runtime=True),
+    "temporal_filter": ParamSpec(
+        0.0, "weight in [0, 1) of the previous depth, moved by /tf odometry, blended into each frame (0: off; try 0.7)"
+    ),
+    "temporal_tolerance": ParamSpec(0.2, "largest |ln previous - ln new| depth still blended (moving objects are not)"),
+    "odom_frame": ParamSpec("odom", "fixed frame of the /tf odometry the temporal filter follows"),
     "completion_model": ParamSpec("", "exported completion network run on LiDAR-aligned frames (empty: aligned only)"),
     "lazy": ParamSpec(True, "no inference while nobody subscribes to an output", runtime=True),
     "sub_reliability": ParamSpec("best_effort", "input QoS reliability", ("best_effort", "reliable")),
@@ -168,6 +173,10 @@ def _check_ranges(params: dict[str, Any]) -> None:
             raise ValueError(f"parameter '{name}' must be >= 0, got {params[name]}")
     if params["max_depth"] and params["min_depth"] >= params["max_depth"]:
         raise ValueError(f"parameter 'min_depth' ({params['min_depth']}) must be < 'max_depth' ({params['max_depth']})")
+    if not 0.0 <= params["temporal_filter"] < 1.0:
+        raise ValueError(f"parameter 'temporal_filter' must be in [0, 1), got {params['temporal_filter']}")
+    if params["temporal_tolerance"] <= 0:
+        raise ValueError(f"parameter 'temporal_tolerance' must be > 0, got {params['temporal_tolerance']}")
     if not 0.0 <= params["alignment_momentum"] < 1.0:
         raise ValueError(f"parameter 'alignment_momentum' must be in [0, 1), got {params['alignment_momentum']}")
     if not DIAGNOSTICS_PERIOD_S[0] <= params["diagnostics_period"] <= DIAGNOSTICS_PERIOD_S[1]:

@@ -6,7 +6,8 @@ stamps going back by more than RESTART_S mean a new stream, e.g. a bag loop or a
 scale prior), scale the CameraInfo to the image, pair the LiDAR scan nearest in stamp (scans are parsed once, at
 arrival), run the DepthPipeline, and say which outputs (topics.OUTPUTS) the frame produces. What happens is counted
 in `Counters` and reported as `Event`s; each shell decides how to show them (the node throttles them on its log, the
-bag tool prints each kind once and counts them in its summary).
+bag tool prints each kind once and counts them in its summary). With `temporal_filter` > 0, metric depth is smoothed
+along the camera motion that /tf odometry gives (`temporal_filter.TemporalFilter`, fed by `on_transforms`).
 """
 
 from __future__ import annotations
@@ -25,10 +26,13 @@ from depth_node.codec import (
     ros2_camera_info,
     scale_camera_info,
     stamp_ns,
+    transform_to_matrix,
     validate_camera_info,
 )
+from depth_node.geometry import backproject
 from depth_node.image_codec import image_msg_to_rgb
 from depth_node.pipeline import DepthPipeline, FrameResult
+from depth_node.temporal_filter import OdometryBuffer, TemporalFilter
 from depth_node.topics import OUTPUTS
 
 STAGE_WINDOW = 100  # diagnostics report the median of each stage over the last frames
@@ -164,6 +168,9 @@ class FrameStream:
         self._transform_for = transform_for
         self._clock = clock
         self._last_frame: tuple[int, tuple[int, int]] | None = None  # (stamp ns, (H, W)) of the last decoded image
+        weight = params["temporal_filter"]
+        self.odometry = OdometryBuffer(params["odom_frame"])
+        self.temporal = TemporalFilter(weight, params["temporal_tolerance"]) if weight else None
 
     def configure(self, params: dict) -> None:
         """Take the run-time parameters read here (lidar_max_dt, max_image_pixels) from checked values."""
@@ -187,6 +194,12 @@ class FrameStream:
             self._report(Event(kind, f"LiDAR scan skipped: {problem}"))
         self.scans.add(stamp_ns(msg.header), (points, msg.header))
 
+    def on_transforms(self, msg: Any, static: bool) -> None:
+        """A tf2_msgs/TFMessage from /tf (static False) or /tf_static, kept for the temporal filter's poses."""
+        for item in msg.transforms:
+            pose = transform_to_matrix(item.transform)
+            self.odometry.add(str(item.header.frame_id), str(item.child_frame_id), stamp_ns(item.header), pose, static)
+
     def process(
         self, msg: Any, received: float | None = None, want_points: bool = True, want_confidence: bool = True
     ) -> Frame | None:
@@ -206,6 +219,8 @@ class FrameStream:
         decode_ms = (self._clock() - start) * 1e3
         points, transform = self._paired_scan(msg.header) if self.use_lidar else (None, None)
         result = self.pipeline.process(rgb, projection, points, transform, want_points, want_confidence)
+        if self.temporal is not None and result.metric:
+            self._smooth(result, projection, msg.header)
         stages = dict(result.timings_ms, decode=decode_ms)
         received = start if received is None else received
         return Frame(stamp_ns(msg.header), str(msg.header.frame_id), info, result, received, start, stages)
@@ -247,6 +262,19 @@ class FrameStream:
         if (int(info.width), int(info.height)) != (rgb.shape[1], rgb.shape[0]):
             info = scale_camera_info(info, rgb.shape[1], rgb.shape[0])
         return rgb, info
+
+    def _smooth(self, result: FrameResult, projection: np.ndarray, header: Any) -> None:
+        """Temporal filter on the frame's metric depth (and its cloud, rebuilt from the filtered depth)."""
+        start = self._clock()
+        pose = self.odometry.camera_pose(str(header.frame_id), stamp_ns(header))
+        if pose is None:
+            self._report(Event("odometry", f"no /tf pose of {header.frame_id!r} in {self.odometry.odom_frame!r}: "
+                                           "frame not temporally filtered"))  # fmt: skip
+        result.depth = self.temporal(result.depth, projection, pose, stamp_ns(header))
+        if result.cloud is not None:
+            stride = self.pipeline.options.points_stride
+            backproject(result.depth, projection, stride=stride, out=result.cloud.points)
+        result.timings_ms["temporal"] = (self._clock() - start) * 1e3
 
     def _skip(self, error: ValueError, kind: str) -> None:
         """Count and report a frame skipped for bad input of this kind ("image" or "camera_info")."""

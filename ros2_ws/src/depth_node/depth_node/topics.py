@@ -11,6 +11,7 @@ IMAGE = "sensor_msgs/msg/Image"
 COMPRESSED_IMAGE = "sensor_msgs/msg/CompressedImage"
 CAMERA_INFO = "sensor_msgs/msg/CameraInfo"
 POINT_CLOUD = "sensor_msgs/msg/PointCloud2"
+TF_MESSAGE = "tf2_msgs/msg/TFMessage"
 
 # Subscribed: relative name -> message type.
 INPUTS: dict[str, str] = {
@@ -18,6 +19,8 @@ INPUTS: dict[str, str] = {
     "image/compressed": COMPRESSED_IMAGE,
     "camera_info": CAMERA_INFO,
     "lidar": POINT_CLOUD,
+    "/tf": TF_MESSAGE,  # with temporal_filter: odometry (absolute, as TF always is)
+    "/tf_static": TF_MESSAGE,
 }
 
 # Published per frame, in publishing order: relative name -> message type.

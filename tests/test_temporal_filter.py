@@ -1,0 +1,174 @@
+"""The node's temporal filter: odometry-warped smoothing of metric depth (numpy, ROS-free), its odometry buffer fed
+from /tf, the node parameters, and `depth_node_bag` using a synthetic bag's /tf odometry."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from node_fixtures import ramp_model
+from rosbags.highlevel import AnyReader
+
+from depth_node import params
+from depth_node.bag import main as bag_main
+from depth_node.codec import transform_to_matrix
+from depth_node.temporal_filter import OdometryBuffer, TemporalFilter
+from distill.flicker import pair_flicker
+
+HEIGHT, WIDTH = 40, 60
+K = np.array([[50.0, 0.0, 29.5], [0.0, 50.0, 19.5], [0.0, 0.0, 1.0]])
+P = np.concatenate([K, np.zeros((3, 1))], axis=1)
+
+
+def camera_at(z: float) -> np.ndarray:
+    """T_odom_camera of a camera `z` metres along its optical axis."""
+    pose = np.eye(4)
+    pose[2, 3] = z
+    return pose
+
+
+def test_noise_on_a_static_wall_flickers_less_and_the_error_does_not_grow():
+    rng = np.random.default_rng(0)
+    smoother, raw_flicker, filtered_flicker, raw_error, filtered_error = TemporalFilter(0.5, 0.1), [], [], [], []
+    previous = None
+    for frame in range(12):
+        truth = np.full((HEIGHT, WIDTH), 30.0 - frame)  # a wall 30 m ahead, the camera drives 1 m a frame
+        noisy = (truth * np.exp(rng.normal(0, 0.03, truth.shape))).astype(np.float32)
+        filtered = smoother(noisy, P, camera_at(frame), frame * 100_000_000)
+        raw_error.append(np.abs(np.log(noisy / truth)).mean())
+        filtered_error.append(np.abs(np.log(filtered / truth)).mean())
+        if previous is not None:
+            gts, motion = (previous[0], truth), np.linalg.inv(camera_at(frame)) @ camera_at(frame - 1)
+            raw_flicker.append(pair_flicker((previous[1], noisy), gts, K, motion)[0])
+            filtered_flicker.append(pair_flicker((previous[2], filtered), gts, K, motion)[0])
+        previous = (truth, noisy, filtered)
+    assert np.mean(filtered_flicker) < 0.7 * np.mean(raw_flicker)
+    assert np.mean(filtered_error[3:]) < np.mean(raw_error[3:])
+
+
+def test_frames_without_pose_gaps_and_moving_objects_pass_unchanged():
+    smoother = TemporalFilter(0.5, 0.1)
+    first = np.full((HEIGHT, WIDTH), 10.0, np.float32)
+    assert smoother(first, P, None, 0) is not None and smoother._previous is None  # no pose: nothing to follow
+    np.testing.assert_array_equal(smoother(first, P, camera_at(0.0), 0), first)  # the first frame is the start
+    second = np.full((HEIGHT, WIDTH), 9.5, np.float32)  # the camera came 0.5 m closer, depth predicted 5 % short
+    second[5:15, 5:15] = 4.0  # a car that drove in: far from the warped wall, never blended
+    second[20, :] = np.inf  # sky / beyond max range (REP 117) stays as it is
+    out = smoother(second, P, camera_at(0.5), 100_000_000)
+    np.testing.assert_array_equal(out[5:15, 5:15], 4.0)
+    assert np.isinf(out[20]).all()
+    # The wall moved by the odometry is at 10 - 0.5 = 9.5 m, as predicted: unmoved, the blend would give 9.75 m.
+    np.testing.assert_allclose(out[30, 20:40], 9.5, rtol=1e-6)
+    third = np.full((HEIGHT, WIDTH), 9.0, np.float32)
+    assert np.array_equal(smoother(third, P, camera_at(1.0), 10**10), third)  # 10 s later: a restart
+
+
+def test_the_blend_is_the_weighted_geometric_mean_along_the_motion():
+    smoother = TemporalFilter(0.25, 0.5)
+    smoother(np.full((HEIGHT, WIDTH), 10.0, np.float32), P, camera_at(0.0), 0)
+    out = smoother(np.full((HEIGHT, WIDTH), 9.0, np.float32), P, camera_at(1.0), 100_000_000)
+    # warped previous: 10 - 1 = 9 m, so the blend of 9 and 9 is 9 wherever something landed
+    np.testing.assert_allclose(out, 9.0, rtol=1e-6)
+    smoother.reset()
+    smoother(np.full((HEIGHT, WIDTH), 10.0, np.float32), P, camera_at(0.0), 0)
+    out = smoother(np.full((HEIGHT, WIDTH), 8.0, np.float32), P, camera_at(0.0), 100_000_000)
+    np.testing.assert_allclose(out, np.exp(0.75 * np.log(8.0) + 0.25 * np.log(10.0)), rtol=1e-6)
+
+
+def test_carrying_the_previous_frame_leaves_no_holes_when_the_view_zooms_in():
+    from depth_node.temporal_filter import carry_previous
+
+    carried = carry_previous(
+        np.full((HEIGHT, WIDTH), 10.0), np.full((HEIGHT, WIDTH), 8.0), P, np.linalg.inv(camera_at(2.0))
+    )
+    np.testing.assert_allclose(carried, 8.0)  # every pixel: the wall 2 m closer, seen before at 10 m
+    right = np.eye(4)
+    right[0, 3] = -1.0  # the camera moved 1 m right: the wall 10 m ahead shifts 5 px left
+    beside = carry_previous(np.full((HEIGHT, WIDTH), 10.0), np.full((HEIGHT, WIDTH), 10.0), P, right)
+    np.testing.assert_allclose(beside[:, :-5], 10.0)
+    assert not beside[:, -5:].any()  # those pixels were outside the previous view
+
+
+def test_odometry_buffer_composes_tf_with_the_static_mount_at_the_nearest_stamp():
+    buffer = OdometryBuffer("odom")
+    mount = camera_at(1.5)  # camera 1.5 m along base_link's z, say
+    buffer.add("base_link", "camera", 0, mount, static=True)
+    assert buffer.camera_pose("camera", 0) is None  # no odometry yet
+    for stamp in (0, 100, 200):
+        odometry = np.eye(4)
+        odometry[0, 3] = stamp / 100
+        buffer.add("/odom", "base_link", stamp * 1_000_000, odometry)
+    np.testing.assert_allclose(buffer.camera_pose("camera", 110_000_000)[:3, 3], [1.0, 0.0, 1.5])
+    assert buffer.camera_pose("camera", 400_000_000) is None  # beyond max_dt of every odometry stamp
+    assert buffer.camera_pose("other_camera", 100_000_000) is None  # no static chain to that frame
+
+
+def test_parameters_are_checked():
+    assert params.resolve({"model": "m.onnx"})["temporal_filter"] == 0.0  # off by default
+    with pytest.raises(ValueError, match=r"'temporal_filter' must be in \[0, 1\)"):
+        params.resolve({"model": "m.onnx", "temporal_filter": 1.0})
+    with pytest.raises(ValueError, match="'temporal_tolerance' must be > 0"):
+        params.resolve({"model": "m.onnx", "temporal_tolerance": 0.0})
+
+
+def depths(bag) -> list[np.ndarray]:
+    with AnyReader([bag]) as reader:
+        connections = [c for c in reader.connections if c.topic == "/depth"]
+        messages = [reader.deserialize(raw, c.msgtype) for c, _, raw in reader.messages(connections=connections)]
+    return [np.frombuffer(m.data, np.float32).reshape(m.height, m.width) for m in messages]
+
+
+def test_bag_tool_follows_the_bags_tf_odometry(synth_root, tmp_path, capsys):
+    bag = sorted((synth_root / "bags").iterdir())[0]
+    model = ramp_model(tmp_path / "ramp.onnx", size=(64, 192), depth_range=(0.5, 80.0), scale=20.0, offset=5.0)
+    assert bag_main([str(bag), str(tmp_path / "plain"), "--model", str(model)]) == 0
+    smoothing = ["-p", "temporal_filter:=0.5", "-p", "temporal_tolerance:=0.2"]
+    assert bag_main([str(bag), str(tmp_path / "smooth"), "--model", str(model), *smoothing]) == 0
+    assert "no /tf pose" not in capsys.readouterr().out
+    plain, smooth = depths(tmp_path / "plain"), depths(tmp_path / "smooth")
+    assert len(plain) == len(smooth) >= 2
+    np.testing.assert_array_equal(plain[0], smooth[0])
+    changed = plain[1] != smooth[1]
+    assert 0.05 < changed.mean() < 1.0  # blended where the moved previous frame agrees within 20 %
+    assert np.all(np.abs(np.log(smooth[1][changed] / plain[1][changed])) < 0.2)
+
+
+def test_stream_feeds_tf_messages_as_rclpy_and_rosbags_give_them(tmp_path):
+    from depth_node.engine import open_engine
+    from depth_node.pipeline import DepthPipeline, PipelineOptions
+    from depth_node.stream import FrameStream
+
+    values = params.resolve({"model": "m.onnx", "temporal_filter": 0.5})
+    engine = open_engine(ramp_model(tmp_path / "ramp.onnx"), "onnxruntime-cpu")
+    stream = FrameStream(DepthPipeline(engine, PipelineOptions.from_params(values)), values, lambda event: None)
+    stamp = SimpleNamespace(sec=1, nanosec=5)
+    vector, rotation = SimpleNamespace(x=1.0, y=2.0, z=0.0), SimpleNamespace(x=0.0, y=0.0, z=0.0, w=1.0)
+    transform = SimpleNamespace(translation=vector, rotation=rotation)
+    item = SimpleNamespace(header=SimpleNamespace(stamp=stamp, frame_id="odom"), child_frame_id="base_link",
+                           transform=transform)  # fmt: skip
+    stream.on_transforms(SimpleNamespace(transforms=[item]), static=False)
+    mount = SimpleNamespace(header=SimpleNamespace(stamp=stamp, frame_id="base_link"), child_frame_id="cam",
+                            transform=SimpleNamespace(translation=SimpleNamespace(x=0.0, y=0.0, z=1.0),
+                                                      rotation=rotation))  # fmt: skip
+    stream.on_transforms(SimpleNamespace(transforms=[mount]), static=True)
+    expected = transform_to_matrix(transform) @ transform_to_matrix(mount.transform)
+    np.testing.assert_allclose(stream.odometry.camera_pose("cam", 10**9 + 5), expected)
+    assert stream.temporal is not None and stream.temporal.weight == 0.5
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tf2_msgs") is not None, reason="tf2_msgs is installed: the node starts")
+def test_the_node_without_tf2_msgs_refuses_the_filter_in_one_line(tmp_path):
+    model = ramp_model(tmp_path / "ramp.onnx")
+    command = [str(Path(sys.executable).parent / "depth_node"), "--ros-args", "-p", f"model:={model}",
+               "-p", "temporal_filter:=0.5"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, env=os.environ | {"ROS_DOMAIN_ID": "77"})
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        "depth_node: error: temporal_filter needs tf2_msgs (ros-tf2-msgs) to hear /tf: it is not importable"
+    )
