@@ -52,7 +52,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     run_export(
         args.checkpoint, out=args.out, formats=args.format, size=args.size, dynamic=args.dynamic, fp16=args.fp16,
         int8=args.int8, calib=args.calib, opset=args.opset, arch=args.arch, random_init=args.random_init,
-        force=args.force,
+        config=args.config, calib_method=args.calib_method, force=args.force,
     )  # fmt: skip
     return 0
 
@@ -128,13 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--dynamic", action="store_true", help="dynamic batch/height/width (traced at --size rounded up to a multiple)"
     )
-    export.add_argument("--fp16", action="store_true")
-    export.add_argument("--int8", action="store_true")
+    export.add_argument("--fp16", action="store_true", help="also write <name>_fp16.onnx (GPU providers); FP16 engine")
+    export.add_argument(
+        "--int8", action="store_true", help="also write <name>_int8.onnx (static QDQ, needs --calib); INT8 engine"
+    )
     export.add_argument(
         "--calib", type=Path, default=None, help="images/dataset/bag: the parity check's inputs, and INT8 calibration"
     )
+    export.add_argument(
+        "--calib-method", default=None, help="ONNX INT8 calibration: minmax | entropy | percentile (default: minmax)"
+    )
     export.add_argument("--opset", type=int, default=17)
     export.add_argument("--arch", default=None, help="with --random-init: student architecture")
+    export.add_argument("--config", type=Path, default=None, help="with --random-init: training config (its model:)")
     export.add_argument("--random-init", action="store_true", help="export an untrained student (tests, benchmarks)")
     export.add_argument("--force", action="store_true", help="replace an earlier export of the same name in --out")
     export.set_defaults(func=cmd_export)

@@ -2,7 +2,8 @@
 
 Models: `ramp_model` writes a real ONNX graph whose depth is known in closed form (depth = scale * red01 + offset,
 red01 the de-normalised red channel in [0, 1]), so pixel values, REP 117 states and LiDAR alignment can be checked
-exactly; `exported_student` exports a random-init EfficientNet-B0 student with `distill export` once per session.
+exactly; `exported_student` exports a random-init EfficientNet-B0 student with `distill export` once per session,
+`exported_int8_student` a tiny MobileNetV2 one and its static INT8 version.
 Graph: `Probe` publishes camera frames / clouds with reliable QoS and records every output by header stamp;
 `spin_until` re-publishes until a condition holds, with a deadline (discovery takes a variable time).
 """
@@ -91,6 +92,27 @@ def exported_student(tmp_path_factory) -> Path:
         model = build_student("efficientnet_b0", bins=16).eval()
         path, _ = export_onnx(model, out, STUDENT_SIZE, dynamic=False, opset=17, config={"test": "node"})
     return path
+
+
+def exported_int8_student(tmp_path_factory) -> tuple[Path, Path]:
+    """(FP32, INT8) ONNX files of a tiny random-init MobileNetV2 student (decoder 16, 16 bins) at STUDENT_SIZE, the
+    INT8 one made by `distill.verbs.quantize.quantize_int8` from smooth images; once per test session."""
+    out = tmp_path_factory.getbasetemp() / "exported_int8_student"
+    fp32 = out / f"mobilenetv2_100_{STUDENT_SIZE[0]}x{STUDENT_SIZE[1]}.onnx"
+    int8 = fp32.with_name(f"{fp32.stem}_int8.onnx")
+    if not int8.is_file():
+        import torch
+
+        from distill.models import build_student
+        from distill.verbs.export import export_onnx
+        from distill.verbs.parity import smooth_random_image
+        from distill.verbs.quantize import quantize_int8
+
+        torch.manual_seed(0)
+        model = build_student("mobilenetv2_100", bins=16, decoder_width=16).eval()
+        fp32, _ = export_onnx(model, out, STUDENT_SIZE, dynamic=False, opset=17, config={"test": "node int8"})
+        quantize_int8(fp32, int8, [smooth_random_image((96, 288), seed) for seed in range(4)])
+    return fp32, int8
 
 
 # --- messages ----------------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@ camera_info scaling, malformed input, keep-latest accounting, diagnostics, lazin
 script with the KITTI params file on the real KITTI frame.
 
 In-process tests share one DepthNode running a closed-form ONNX model (depth = red/255 + 1 m), so every published
-value is known; the console-script test runs a freshly exported EfficientNet-B0 student in a subprocess.
+value is known; one runs a static INT8 student against its FP32 model; the console-script test runs a freshly
+exported EfficientNet-B0 student in a subprocess.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from node_fixtures import (
     assert_cloud_is_backprojection,
     camera_info_msg,
     depth_array,
+    exported_int8_student,
     exported_student,
     image_msg,
     jpeg_bomb,
@@ -35,6 +37,7 @@ from node_fixtures import (
 )
 from rclpy.parameter import Parameter
 
+from depth_node.engine import open_engine
 from depth_node.frame_slot import FrameSlot
 from depth_node.node import DepthNode
 
@@ -334,6 +337,30 @@ def run_console(*ros_args: str, timeout: float = 60) -> subprocess.CompletedProc
 
 def _console(name: str) -> str:
     return str(Path(sys.executable).parent / name)
+
+
+def test_an_int8_model_runs_end_to_end(tmp_path_factory):
+    """A static INT8 (QDQ) export in a DepthNode on a real graph: depth, confidence and cloud as with FP32."""
+    fp32, int8 = exported_int8_student(tmp_path_factory)
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = DepthNode(context=context, namespace="int8", parameter_overrides=node_parameters(int8))
+    probe = Probe(context, extra_nodes=[node], namespace="int8")
+    try:
+        rgb = ramp_image(HEIGHT, WIDTH)
+        topics = ("depth", "depth/camera_info", "points", "depth/confidence")
+        stamp = publish_until_output(probe, rgb, camera_info_msg(K_FULL, 2 * WIDTH, 2 * HEIGHT, 0), topics=topics)
+        depth_msg, info, points = (probe.get(t, stamp) for t in ("depth", "depth/camera_info", "points"))
+        depth = depth_array(depth_msg)
+        assert depth.shape == (HEIGHT, WIDTH) and np.isfinite(depth).all()
+        assert assert_cloud_is_backprojection(depth_msg, info, points) == HEIGHT * WIDTH
+        want = open_engine(fp32, backend="onnxruntime-cpu").infer(rgb).depth  # the FP32 model on the same frame
+        assert np.median(np.abs(depth - want) / want) < 0.05
+        assert 0 <= depth_array(probe.get("depth/confidence", stamp)).min()
+    finally:
+        probe.close()
+        node.destroy_node()
+        context.try_shutdown()
 
 
 @pytest.mark.slow

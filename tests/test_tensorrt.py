@@ -27,14 +27,9 @@ from depth_node.trt_backend import (
 from distill.cli import main
 from distill.errors import UserError
 from distill.models import build_student
+from distill.verbs.calibration import calibration_batches, calibration_images
 from distill.verbs.export import export_onnx
-from distill.verbs.export_trt import (
-    build_engine,
-    calibration_batches,
-    calibration_images,
-    optimisation_profile,
-    timing_cache_name,
-)
+from distill.verbs.export_trt import build_engine, optimisation_profile, timing_cache_name
 from distill.verbs.parity import relative_error, smooth_random_image
 
 SIZE = (64, 192)

@@ -100,12 +100,13 @@ def run_bench(
 
 def describe_model(metadata: ModelMetadata) -> str:
     """One line on what the model is: its kind (metric or relative, which decides the node's output topic), range,
-    bins and input size, from the metadata embedded at export."""
+    bins, input size and precision, from the metadata embedded at export."""
     kind = "metric depth (m)" if metadata.output_kind == "metric" else f"{metadata.output_kind} (unitless)"
     size = "dynamic" if metadata.input_size is None else f"{metadata.input_size[0]}x{metadata.input_size[1]}"
     bins = f"{metadata.bins} bins" if metadata.bins else "no bins"
+    weights = ", random-init weights" if metadata.random_init else ""
     return (f"{metadata.arch or 'model'}: {kind}, {metadata.min_depth:g}-{metadata.max_depth:g} m, {bins}, "
-            f"input {size}")  # fmt: skip
+            f"input {size}, {metadata.precision}{weights}")  # fmt: skip
 
 
 def format_table(rows: list[Latency]) -> str:

@@ -71,6 +71,8 @@ def run_export(
     opset: int = 17,
     arch: str | None = None,
     random_init: bool = False,
+    config: Path | None = None,
+    calib_method: str | None = None,
     force: bool = False,
 ) -> list[Path]:
     """The `distill export` verb: a checkpoint (or a random-init student) to ONNX and/or a TensorRT engine.
@@ -81,20 +83,25 @@ def run_export(
         formats: comma-separated, "onnx", "engine" or both.
         size: (H, W) pixels of the exported input.
         dynamic: dynamic batch/height/width axes.
-        fp16, int8: the TensorRT engine's precision (int8 needs `calib`).
-        calib: images, a dataset or a bag: INT8 calibration data and the parity check's inputs.
+        fp16, int8: the precision of the ONNX model (`<name>_fp16.onnx` / `<name>_int8.onnx` beside the FP32 one)
+            and of the TensorRT engine; int8 needs `calib`.
+        calib: images, a dataset or a bag: INT8 calibration data and the parity checks' inputs.
         opset: ONNX opset version.
         arch, random_init: export an untrained student of this architecture (tests, benchmarks).
+        config: with random_init, the training config whose `model:` section describes the student (instead of arch).
+        calib_method: ONNX INT8 calibration, one of `quantize.CALIB_METHODS` (None: `DEFAULT_CALIB_METHOD`).
         force: replace an existing export of the same name (otherwise that is a UserError).
 
     Returns:
         The files written.
     """
     chosen = parse_formats(formats)
-    if (fp16 or int8) and "engine" not in chosen:
-        raise UserError("--fp16/--int8 set the TensorRT engine's precision: add --format engine (or onnx,engine)")
+    if fp16 and int8:
+        raise UserError("--fp16 and --int8 exclude each other: choose one precision per export")
     if int8 and calib is None:
         raise UserError("--int8 needs --calib DATA (a folder of images, a dataset or a rosbag) for calibration")
+    if calib_method is not None and not (int8 and "onnx" in chosen):
+        raise UserError("--calib-method sets the ONNX INT8 calibration: add --int8 (with --format onnx)")
     out = Path(out)
     written: list[Path] = []
     source = Path(checkpoint) if checkpoint is not None else None
@@ -102,9 +109,17 @@ def run_export(
         onnx_path = _existing_onnx(source, chosen)  # an exported model: build the engine from it
         metadata = read_metadata_or_fail(onnx_path)
     else:
-        model, config = load_for_export(source, arch=arch, random_init=random_init)
-        onnx_path, metadata = export_onnx(model, out, size, dynamic, opset, config, calib, overwrite=force)
+        model, run_config = load_for_export(source, arch=arch, random_init=random_init, config=config)
+        if (int8 or fp16) and "onnx" in chosen:
+            _check_reducible(model, calib_method)
+        onnx_path, metadata = export_onnx(model, out, size, dynamic, opset, run_config, calib, overwrite=force)
         written.append(onnx_path)
+        if (int8 or fp16) and "onnx" in chosen:
+            from distill.verbs.quantize import export_precision
+
+            precision = "int8" if int8 else "fp16"
+            traced = _traced_size(size, metadata.size_divisor) if dynamic else size
+            written.append(export_precision(onnx_path, precision, traced, calib, calib_method, overwrite=force))
     if "engine" in chosen:
         from distill.verbs.export_trt import build_engine
 
@@ -113,6 +128,21 @@ def run_export(
         written.append(build_engine(onnx_path, out, precision, metadata, size, calib=calib))
     print_usage(written)
     return written
+
+
+def _check_reducible(model: nn.Module, calib_method: str | None) -> None:
+    """FP16/INT8 ONNX takes image-only models and a known calibration method (checked before the FP32 export)."""
+    from distill.verbs.quantize import CALIB_METHODS
+
+    if calib_method is not None and calib_method not in CALIB_METHODS:
+        raise UserError(f"--calib-method: unknown method {calib_method!r} (choose from {', '.join(CALIB_METHODS)})")
+    if extra_inputs(model):
+        raise UserError("--fp16/--int8 ONNX export takes image-only depth models, not a completion network")
+
+
+def _traced_size(size: tuple[int, int], divisor: int) -> tuple[int, int]:
+    """(H, W) a dynamic model is traced at: `size` rounded up to multiples of `divisor`."""
+    return (-(-size[0] // divisor) * divisor, -(-size[1] // divisor) * divisor)
 
 
 def parse_formats(text: str) -> list[str]:
@@ -140,14 +170,19 @@ def read_metadata_or_fail(path: Path) -> ModelMetadata:
 
 
 def load_for_export(
-    checkpoint: Path | None, *, arch: str | None = None, random_init: bool = False
+    checkpoint: Path | None, *, arch: str | None = None, random_init: bool = False, config: Path | None = None
 ) -> tuple[nn.Module, dict]:
-    """The model to export (eval mode, CPU) and the config describing it."""
+    """The model to export (eval mode, CPU) and the config describing it ("random_init": True for an untrained one)."""
+    if config is not None and not random_init:
+        raise UserError("--config describes an untrained student: add --random-init (a checkpoint has its own config)")
     if random_init:
-        if not arch:
-            raise UserError("--random-init needs --arch NAME (a student architecture, e.g. efficientnet_b0)")
         if checkpoint is not None:
             raise UserError(f"give either a checkpoint ({checkpoint}) or --random-init, not both")
+        if config is not None:
+            return _from_config(config, arch)
+        if not arch:
+            raise UserError("--random-init needs --arch NAME (a student architecture, e.g. efficientnet_b0) or "
+                            "--config CONFIG (its model: section)")  # fmt: skip
         model, _ = load_model(arch)
         return model, {"arch": arch, "random_init": True}
     if checkpoint is None:
@@ -155,6 +190,19 @@ def load_for_export(
     if not Path(checkpoint).exists():
         raise UserError(f"checkpoint not found: {checkpoint}")
     return load_model(Path(checkpoint))
+
+
+def _from_config(path: Path, arch: str | None) -> tuple[nn.Module, dict]:
+    """The untrained model a training config's `model:` section describes (its weights keys ignored)."""
+    from distill.config import load_config, to_dict
+    from distill.training.run import build_model_from_config
+
+    if arch:
+        raise UserError(f"give either --arch {arch} or --config {path} (its model.arch), not both")
+    if not Path(path).is_file():
+        raise UserError(f"--config: {path} not found")
+    config = load_config(path, ["model.weights=null", "model.encoder_weights=null"], check_paths=False)
+    return build_model_from_config(config).eval(), {**to_dict(config), "random_init": True}
 
 
 def model_arch(model: nn.Module, config: dict) -> str:
@@ -277,6 +325,7 @@ def describe(model: nn.Module, size: tuple[int, int], dynamic: bool, config: dic
         version=distill.__version__,
         dynamic=bool(dynamic),
         size_divisor=int(getattr(model, "size_divisor", 32)),
+        random_init=bool(config.get("random_init", False)),
     )
 
 

@@ -16,6 +16,7 @@ from depth_node.onnx_file import external_data_problem
 
 METADATA_KEY = "depthkd"
 OUTPUT_KINDS = ("metric", "relative_depth", "relative_disparity")
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 class ModelLoadError(ValueError):
@@ -40,6 +41,9 @@ class ModelMetadata:
         version: depthkd version that exported the model.
         dynamic: True when batch, height and width are dynamic axes.
         size_divisor: input H and W must be multiples of this (matters for dynamic models).
+        precision: "fp32", "fp16" (FP16 compute, float32 inputs/outputs) or "int8" (static QDQ quantization);
+            inputs and outputs are float32 at every precision.
+        random_init: True for an untrained student (`distill export --random-init`: benchmarks and tests).
         outputs: output tensor names: "depth" (B, 1, H, W), plus "confidence" (B, 1, H, W) in [0, 1] with bins.
         input_layout, color, input_range, depth_units: fixed conventions, stored so the artifact documents itself.
     """
@@ -56,6 +60,8 @@ class ModelMetadata:
     version: str = ""
     dynamic: bool = False
     size_divisor: int = 32
+    precision: str = "fp32"
+    random_init: bool = False
     outputs: tuple[str, ...] = field(default=())
     input_layout: str = "NCHW"
     color: str = "RGB"
@@ -120,6 +126,8 @@ def _problems(meta: ModelMetadata) -> list[str]:
         problems.append(f"need 0 <= min_depth < max_depth, got {meta.min_depth}, {meta.max_depth}")
     if meta.output_kind not in OUTPUT_KINDS:
         problems.append(f"output_kind must be one of {', '.join(OUTPUT_KINDS)}, got {meta.output_kind!r}")
+    if meta.precision not in PRECISIONS:
+        problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {meta.precision!r}")
     if meta.bins < 0 or meta.size_divisor < 1:
         problems.append(f"bins must be >= 0 and size_divisor >= 1, got {meta.bins}, {meta.size_divisor}")
     expected = ("depth", "confidence") if meta.bins else ("depth",)
