@@ -3,7 +3,7 @@
 Models (all random-init: weights do not change the speed), exported with `distill export`'s exporter (opset 17,
 TorchScript exporter, dynamo=False) and run by the node's `DepthEngine` on ONNX Runtime CPU with --threads threads:
   - Depth Anything V2 Small: `transformers`' default `DepthAnythingConfig` (24.8 M parameters) through the `hf:`
-    teacher scheme, at the multiple of 14 nearest to --size (364x1232 for 352x1216);
+    teacher scheme, at --size rounded up to multiples of 14, its patch size (364x1232 for 352x1216);
   - our transformer teachers (timm ViT/Swin built through `distill.models`), at --size padded to their divisor;
   - the students: the one --config's `model:` section describes (the deploy student) and --students (same head),
     per precision: fp32 and int8 (`distill.verbs.quantize.quantize_int8`, as `distill export --int8`, calibrated on
@@ -96,9 +96,10 @@ def _load(ref, **kwargs):
     return load_model(ref, **kwargs).model
 
 
-def nearest_multiple_size(size: tuple[int, int], multiple: int) -> tuple[int, int]:
-    """(H, W) nearest to `size` in multiples of `multiple` (352x1216 -> 364x1232 for 14)."""
-    return tuple(max(multiple, round(side / multiple) * multiple) for side in size)
+def covering_multiple(size: tuple[int, int], multiple: int) -> tuple[int, int]:
+    """The smallest (H, W) in multiples of `multiple` that holds `size` (352x1216 -> 364x1232 for 14): the ViT
+    sees at least the student's pixels."""
+    return tuple(-(-side // multiple) * multiple for side in size)
 
 
 def export_reference(model, workdir: Path, size: tuple[int, int]) -> Path:
@@ -158,7 +159,7 @@ def export_all(args, workdir: Path) -> list[Entry]:
     from distill.verbs.quantize import precision_path, quantize_int8
 
     entries = []
-    reference_size = nearest_multiple_size(args.size, 14)
+    reference_size = covering_multiple(args.size, 14)
     model = depth_anything_v2_small(workdir)
     path = export_reference(model, workdir, reference_size)
     entries.append(Entry(REFERENCE, "reference", "fp32", reference_size, path, count_parameters(model) / 1e6))
@@ -291,7 +292,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--students", default=",".join(DEFAULT_STUDENTS), help="more archs with the config's head")
     parser.add_argument("--teachers", default=",".join(DEFAULT_TEACHERS), help="comma-separated teacher specs")
     parser.add_argument("--precisions", default=",".join(PRECISIONS), help="student precisions: fp32,int8")
-    parser.add_argument("--size", type=parse_size, default=(352, 1216), help="network input HxW (DA V2: nearest x14)")
+    parser.add_argument("--size", type=parse_size, default=(352, 1216), help="network input HxW (DA V2: up to x14)")
     parser.add_argument("--camera-size", type=parse_size, default=(375, 1242), help="HxW of the timed frames")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime CPU threads")
     parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds")

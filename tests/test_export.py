@@ -225,7 +225,7 @@ def test_latency_benchmark_times_the_deploy_student_against_depth_anything_and_p
     report = json.loads(out.read_text())
     rows = report["rows"]
     assert [(row["model"], row["precision"], row["size"], row["runs"]) for row in rows] == [
-        ("depth-anything-v2-small", "fp32", [70, 196], 1),  # the multiple of 14 nearest to 64x192
+        ("depth-anything-v2-small", "fp32", [70, 196], 1),  # 64x192 rounded up to multiples of 14
         ("timm:vit_tiny_patch16_224", "fp32", [64, 192], 1),
         ("mobilenetv2_100", "fp32", [64, 192], 2),  # config/deploy-cpu.yaml's student
         ("mobilenetv2_100", "int8", [64, 192], 2),
