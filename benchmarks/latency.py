@@ -3,7 +3,8 @@
 Models (all random-init: weights do not change the speed), exported with `distill export`'s exporter (opset 17,
 TorchScript exporter, dynamo=False) and run by the node's `DepthEngine` on ONNX Runtime CPU with --threads threads:
   - Depth Anything V2 Small: `transformers`' default `DepthAnythingConfig` (24.8 M parameters) through the `hf:`
-    teacher scheme, at --size rounded up to multiples of 14, its patch size (364x1232 for 352x1216);
+    teacher scheme, at --reference-size (multiples of its 14-pixel patch; 364x1232, the size it is compared at
+    against students at 352x1216);
   - our transformer teachers (timm ViT/Swin built through `distill.models`), at --size padded to their divisor;
   - the students: the one --config's `model:` section describes (the deploy student) and --students (same head),
     per precision: fp32 and int8 (`distill.verbs.quantize.quantize_int8`, as `distill export --int8`, calibrated on
@@ -16,7 +17,7 @@ noisy machine. The deploy student is then profiled: ONNX Runtime's per-node kern
 prefixes (encoder, decoder, bins heads, depth output, export wrapper, ONNX Runtime's layout changes) beside the
 engine's preprocess/postprocess. Writes benchmarks/results/latency.json.
 
-    python benchmarks/latency.py                                            # ~8 min on the 2-core machine
+    python benchmarks/latency.py --rounds 6                                 # ~10 min on the loaded 2-core machine
     python benchmarks/latency.py --teachers '' --students '' --rounds 2     # DA V2 Small vs the deploy student
 """
 
@@ -46,7 +47,8 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "latency.json"
 REFERENCE = "depth-anything-v2-small"
 DEFAULT_TEACHERS = ("timm:vit_small_patch16_224", "timm:swin_tiny_patch4_window7_224")
-DEFAULT_STUDENTS = ("efficientnet_b0",)
+# The deploy student's rivals after INT8 with its head: B0 (SiLU) and the other registered ReLU-family encoders.
+DEFAULT_STUDENTS = ("efficientnet_b0", "mobilenetv3_large_100", "ghostnet_100", "resnet18")
 PRECISIONS = ("fp32", "int8")
 CALIB_IMAGES = 16
 COLUMNS = {
@@ -94,12 +96,6 @@ def _load(ref, **kwargs):
     from distill.models import load_model
 
     return load_model(ref, **kwargs).model
-
-
-def covering_multiple(size: tuple[int, int], multiple: int) -> tuple[int, int]:
-    """The smallest (H, W) in multiples of `multiple` that holds `size` (352x1216 -> 364x1232 for 14): the ViT
-    sees at least the student's pixels."""
-    return tuple(-(-side // multiple) * multiple for side in size)
 
 
 def export_reference(model, workdir: Path, size: tuple[int, int]) -> Path:
@@ -159,7 +155,9 @@ def export_all(args, workdir: Path) -> list[Entry]:
     from distill.verbs.quantize import precision_path, quantize_int8
 
     entries = []
-    reference_size = covering_multiple(args.size, 14)
+    reference_size = args.reference_size
+    if any(side % 14 for side in reference_size):
+        raise UserError(f"--reference-size {reference_size[0]}x{reference_size[1]}: sides must be multiples of 14")
     model = depth_anything_v2_small(workdir)
     path = export_reference(model, workdir, reference_size)
     entries.append(Entry(REFERENCE, "reference", "fp32", reference_size, path, count_parameters(model) / 1e6))
@@ -292,7 +290,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--students", default=",".join(DEFAULT_STUDENTS), help="more archs with the config's head")
     parser.add_argument("--teachers", default=",".join(DEFAULT_TEACHERS), help="comma-separated teacher specs")
     parser.add_argument("--precisions", default=",".join(PRECISIONS), help="student precisions: fp32,int8")
-    parser.add_argument("--size", type=parse_size, default=(352, 1216), help="network input HxW (DA V2: up to x14)")
+    parser.add_argument("--size", type=parse_size, default=(352, 1216), help="student/teacher input HxW")
+    parser.add_argument("--reference-size", type=parse_size, default=(364, 1232), help="Depth Anything V2 HxW")
     parser.add_argument("--camera-size", type=parse_size, default=(375, 1242), help="HxW of the timed frames")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime CPU threads")
     parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds")
