@@ -25,6 +25,7 @@ from depth_node.engine import (
     open_engine,
     plan_input,
     preprocess,
+    resize_method,
 )
 from depth_node.metadata import METADATA_KEY, read_onnx_metadata
 
@@ -157,7 +158,7 @@ def test_preprocess_normalises_and_pads_with_the_mean():
     batch = preprocess(image, geometry, MEAN, STD)
     assert batch.shape == (1, 3, 32, 64) and batch.dtype == np.float32
     assert np.all(batch[0, :, : geometry.top] == 0)  # padding = the mean colour = 0 after normalisation
-    resized = cv2.resize(image, geometry.content_size[::-1], interpolation=cv2.INTER_AREA)
+    resized = cv2.resize(image, geometry.content_size[::-1], interpolation=cv2.INTER_LINEAR)  # a mild shrink
     content = batch[0, :, geometry.top : geometry.top + geometry.content_size[0]]
     np.testing.assert_allclose(content[0], (resized[..., 0] / 255 - MEAN[0]) / STD[0], atol=1e-5)
 
@@ -171,6 +172,16 @@ def test_postprocess_writes_into_the_given_buffer(tmp_path):
     np.testing.assert_array_equal(out, engine.infer(image).depth)
     with pytest.raises(ValueError, match="out must be float32"):
         engine.infer(image, depth_out=np.zeros((75, 249), np.float32))
+
+
+def test_images_shrunk_more_than_twice_are_averaged_not_sampled():
+    image = np.zeros((48, 120, 3), np.uint8)
+    image[:, ::3] = 255  # every third column white: bilinear sampling at 3x hits only black ones, averaging 1/3
+    geometry = plan_input((48, 120), (16, 40), "stretch")
+    batch = preprocess(image, geometry, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    np.testing.assert_allclose(batch[0, 0], 1 / 3, atol=0.01)
+    assert resize_method((375, 1242), (352, 1216)) == cv2.INTER_LINEAR  # KITTI to the deploy size: bilinear
+    assert resize_method((720, 1280), (176, 608)) == cv2.INTER_AREA
 
 
 # --- engine ---------------------------------------------------------------------------------------------------------

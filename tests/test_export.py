@@ -214,16 +214,31 @@ def test_run_export_returns_the_written_files(tmp_path):
 
 
 @pytest.mark.slow
-def test_latency_benchmark_writes_the_json_table(tmp_path):
+def test_latency_benchmark_times_the_deploy_student_against_depth_anything_and_profiles_it(tmp_path):
     out = tmp_path / "latency.json"
-    argv = ["--models", "resnet18,timm:vit_tiny_patch16_224", "--sizes", "64x192", "--runs", "2"]
-    argv += ["--teacher-runs", "1", "--threads", "1", "--out", str(out)]
+    argv = ["--size", "64x192", "--reference-size", "70x196", "--camera-size", "75x250", "--students", ""]
+    argv += ["--teachers", "timm:vit_tiny_patch16_224"]
+    argv += ["--rounds", "1", "--student-repeats", "2", "--profile-runs", "1", "--threads", "1", "--out", str(out)]
     done = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "latency.py"), *argv], capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
-    rows = json.loads(out.read_text())["rows"]
-    assert [row["model"] for row in rows] == ["resnet18", "timm:vit_tiny_patch16_224"]
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert [(row["model"], row["precision"], row["size"], row["runs"]) for row in rows] == [
+        ("depth-anything-v2-small", "fp32", [70, 196], 1),
+        ("timm:vit_tiny_patch16_224", "fp32", [64, 192], 1),
+        ("mobilenetv2_100", "fp32", [64, 192], 2),  # config/deploy-cpu.yaml's student
+        ("mobilenetv2_100", "int8", [64, 192], 2),
+    ]
+    assert rows[0]["params_m"] == pytest.approx(24.8, abs=0.05) and rows[0]["ratio_vs_reference"] == 1.0
     for row in rows:
-        assert row["size"] == [64, 192] and row["median_ms"] > 0 and row["params_m"] > 0 and row["gflops"] > 0
-    assert "faster" in done.stdout
+        assert 0 < row["inference_median_ms"] < row["median_ms"] and row["preprocess_median_ms"] > 0
+        assert row["ratio_vs_reference"] == pytest.approx(rows[0]["median_ms"] / row["median_ms"])
+    assert set(report["columns"]) >= {"median_ms", "ratio_vs_reference"} and "load_average_after" in report["machine"]
+    profile = report["deploy_profile"]
+    assert profile["model"] == "mobilenetv2_100" and set(profile["engine_ms"]) == {"fp32", "int8"}
+    for found in profile["by_precision"].values():
+        assert {"encoder", "decoder", "bins heads"} <= set(found["groups_ms"])
+        assert found["kernel_ms"] == pytest.approx(sum(found["groups_ms"].values()))
+    assert "x faster" in done.stdout

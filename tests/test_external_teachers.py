@@ -385,3 +385,16 @@ def test_routed_through_build_teacher_and_rebuilt_from_spec(da_metric):
     x = torch.randn(1, 3, 28, 42)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x).depth, teacher(x).depth)
+
+
+def test_hf_teacher_exports_to_onnx_at_a_fixed_size(da_metric, tmp_path):
+    """`distill export` traces an hf: teacher (e.g. Depth Anything for benchmarks/latency.py) at a fixed size."""
+    from depth_node.engine import open_engine
+    from distill.verbs.export import export_onnx
+
+    teacher = external(f"hf:{da_metric}", min_depth=0.1, max_depth=80.0).eval()
+    path, metadata = export_onnx(teacher, tmp_path, (28, 42), dynamic=False, opset=17, config={})
+    assert metadata.input_size == (28, 42) and metadata.output_kind == "metric"
+    image = np.random.default_rng(0).integers(0, 256, (28, 42, 3), dtype=np.uint8)
+    depth = open_engine(path, backend="onnxruntime-cpu").infer(image).depth
+    assert depth.shape == (28, 42) and np.isfinite(depth).all()

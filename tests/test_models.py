@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import timm
@@ -248,3 +249,22 @@ def test_student_with_lgconv_exports_to_onnx_with_parity(tmp_path):
         want = want.numpy()
         assert got.shape == want.shape
         assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
+
+
+@LEGACY_ONNX_EXPORT
+def test_bin_probabilities_export_without_a_softmax_node(tmp_path):
+    """ONNX Runtime's Softmax over the channel axis is slow on CPU; the export writes it out, same values."""
+    model = build_student("mobilenetv2_100", **SMALL).eval()
+    image = torch.randn(1, 3, H, W)
+    path = tmp_path / "student.onnx"
+    wrapper = _DepthOnly(model).eval()
+    torch.onnx.export(wrapper, (image,), str(path), opset_version=17, dynamo=False, input_names=["image"],
+                      output_names=["depth", "probs", "centers"])  # fmt: skip
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "Softmax" not in ops and {"Exp", "ReduceMax", "ReduceSum"} <= ops
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    _, probs, _ = session.run(None, {"image": image.numpy()})
+    with torch.no_grad():
+        expected = torch.softmax(model.head.bins.logits(model.head.decoder(model.encoder(image))), dim=1)
+    np.testing.assert_allclose(probs, expected.numpy(), atol=1e-6)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)

@@ -131,7 +131,7 @@ class HFTeacher(DepthModel):
 
     def forward(self, x: torch.Tensor, names: list[str] | None = None) -> DepthOutput:
         """x: (B, 3, H, W) normalised with `mean`/`std`. Returns depth (B, 1, H, W) and 4 feature maps."""
-        size = self.internal_size(*x.shape[-2:])
+        size = self.internal_size(*(int(side) for side in x.shape[-2:]))  # ints, also while tracing an export
         has_neck = getattr(self.model, "neck", None) is not None
         out = self.model(pixel_values=resize(x, size), output_hidden_states=not has_neck)
         depth = resize(out.predicted_depth.unsqueeze(1), tuple(x.shape[-2:]))
@@ -139,7 +139,7 @@ class HFTeacher(DepthModel):
         grid = (size[0] // self.patch_size, size[1] // self.patch_size)
         features = [tokens_to_map(stage, grid) for stage in stages]
         self._neck_inputs = []
-        self._feature_info = ([f.shape[1] for f in features], [round(size[0] / f.shape[2]) for f in features])
+        self._feature_info = ([f.shape[1] for f in features], [round(size[0] / int(f.shape[2])) for f in features])
         return DepthOutput(depth=depth, features=features)
 
     def _probe(self) -> tuple[list[int], list[int]]:
