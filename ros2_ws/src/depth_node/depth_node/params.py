@@ -74,18 +74,18 @@ PARAMETERS: dict[str, ParamSpec] = {
     "temporal_filter": ParamSpec(
         0.0, "weight in [0, 1) of the previous depth, moved by the odometry, blended into each frame (0: off; try 0.7)"
     ),
+    "temporal_tolerance": ParamSpec(0.2, "largest |ln previous - ln new| depth still blended (moving objects are not)"),
     "odometry": ParamSpec(
         "tf",
-        "the temporal filter's odometry: tf (/tf, needs tf2_msgs) or odom (nav_msgs/Odometry on `odom`)",
+        "the temporal filter's odometry: /tf (needs tf2_msgs) or nav_msgs/Odometry on `odom`",
         ("tf", "odom"),
     ),
+    "odom_frame": ParamSpec("odom", "fixed frame of the odometry the temporal filter follows"),
     "camera_to_base": ParamSpec(
         OPTICAL_IN_BASE_4X4,
-        "4x4 row-major camera pose in the odometry's child frame, used when /tf_static gives none (default: at its "
-        "origin, looking along x)",
+        "odometry odom: 4x4 row-major pose of the camera optical frame in the odometry's child frame where "
+        "/tf_static gives none ([optical]: at its origin, looking along its x)",
     ),
-    "temporal_tolerance": ParamSpec(0.2, "largest |ln previous - ln new| depth still blended (moving objects are not)"),
-    "odom_frame": ParamSpec("odom", "fixed frame of the odometry the temporal filter follows"),
     "completion_model": ParamSpec("", "exported completion network run on LiDAR-aligned frames (empty: aligned only)"),
     "lazy": ParamSpec(True, "no inference while nobody subscribes to an output", runtime=True),
     "sub_reliability": ParamSpec("best_effort", "input QoS reliability", ("best_effort", "reliable")),
@@ -103,6 +103,8 @@ def usage() -> str:
         "",
         "Publishes depth (32FC1 metres), its camera_info, confidence and the point cloud from camera frames, with an",
         "exported depthkd model (`distill export`). Move every topic together with a namespace: -r __ns:=/camera.",
+        "Temporal filter on nav_msgs/Odometry (no tf2_msgs needed): -p temporal_filter:=0.7 -p odometry:=odom",
+        "-r odom:=/odometry/filtered; the camera mount comes from /tf_static when heard, else from camera_to_base.",
         "",
         "parameters (* = applied at run time by `ros2 param set`; the others are read-only once the node is up):",
     ]
