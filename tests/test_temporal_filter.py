@@ -1,5 +1,5 @@
 """The node's temporal filter: odometry-warped smoothing of metric depth (numpy, ROS-free), its odometry buffer fed
-from /tf, the node parameters, and `depth_node_bag` using a synthetic bag's /tf odometry."""
+from /tf or nav_msgs/Odometry, the node parameters, and `depth_node_bag` using a synthetic bag's /tf odometry."""
 
 from __future__ import annotations
 
@@ -162,6 +162,58 @@ def test_stream_feeds_tf_messages_as_rclpy_and_rosbags_give_them(tmp_path):
     assert stream.temporal is not None and stream.temporal.weight == 0.5
 
 
+def test_stream_feeds_odometry_messages_with_the_camera_to_base_mount_unless_tf_static_has_one(tmp_path):
+    from depth_node.engine import open_engine
+    from depth_node.pipeline import DepthPipeline, PipelineOptions
+    from depth_node.stream import FrameStream
+
+    engine = open_engine(ramp_model(tmp_path / "ramp.onnx"), "onnxruntime-cpu")
+
+    def stream(odometry: str) -> FrameStream:
+        values = params.resolve({"model": "m.onnx", "temporal_filter": 0.5, "odometry": odometry})
+        return FrameStream(DepthPipeline(engine, PipelineOptions.from_params(values)), values, lambda event: None)
+
+    stamp = SimpleNamespace(sec=2, nanosec=0)
+    quarter_turn = SimpleNamespace(x=0.0, y=0.0, z=np.sqrt(0.5), w=np.sqrt(0.5))  # base_link yawed 90 degrees
+    pose = SimpleNamespace(position=SimpleNamespace(x=3.0, y=1.0, z=0.0), orientation=quarter_turn)
+    odometry = SimpleNamespace(header=SimpleNamespace(stamp=stamp, frame_id="odom"), child_frame_id="base_link",
+                               pose=SimpleNamespace(pose=pose))  # fmt: skip
+    from_topic = stream("odom")
+    from_topic.on_odometry(odometry)
+    camera = from_topic.odometry.camera_pose("cam", 2 * 10**9)
+    # camera_to_base's default: the optical axis (z) along base_link's x, which the yaw turns onto odom's y
+    np.testing.assert_allclose(camera[:3, 2], [0.0, 1.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(camera[:3, 3], [3.0, 1.0, 0.0])
+    raised = SimpleNamespace(translation=SimpleNamespace(x=0.0, y=0.0, z=1.0),
+                             rotation=SimpleNamespace(x=0.0, y=0.0, z=0.0, w=1.0))  # fmt: skip
+    mount = SimpleNamespace(header=SimpleNamespace(stamp=stamp, frame_id="base_link"), child_frame_id="cam",
+                            transform=raised)  # fmt: skip
+    from_topic.on_transforms(SimpleNamespace(transforms=[mount]), static=True)  # /tf_static, where it is heard, wins
+    np.testing.assert_allclose(from_topic.odometry.camera_pose("cam", 2 * 10**9)[:3, 3], [3.0, 1.0, 1.0])
+    from_tf = stream("tf")
+    from_tf.on_odometry(odometry)
+    assert from_tf.odometry.camera_pose("cam", 2 * 10**9) is None  # the /tf path assumes no mount
+
+
+def test_bag_tool_odometry_topic_must_exist_and_be_odometry(synth_root, tmp_path, capsys):
+    bag = sorted((synth_root / "bags").iterdir())[0]
+    model = ramp_model(tmp_path / "ramp.onnx", size=(64, 192))
+    args = [
+        str(bag),
+        str(tmp_path / "out"),
+        "--model",
+        str(model),
+        *"-p temporal_filter:=0.5 -p odometry:=odom".split(),
+    ]
+    assert bag_main(args) == 2
+    assert capsys.readouterr().err.startswith(f"depth_node_bag: error: {bag}: no odom topic '/odom'; the bag has: ")
+    assert bag_main([*args, "--odom-topic", "/tf"]) == 2
+    assert (
+        capsys.readouterr().err == "depth_node_bag: error: /tf is tf2_msgs/msg/TFMessage, not a nav_msgs/msg/Odometry\n"
+    )
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.skipif(importlib.util.find_spec("tf2_msgs") is not None, reason="tf2_msgs is installed: the node starts")
 def test_the_node_without_tf2_msgs_refuses_the_filter_in_one_line(tmp_path):
     model = ramp_model(tmp_path / "ramp.onnx")
@@ -170,5 +222,6 @@ def test_the_node_without_tf2_msgs_refuses_the_filter_in_one_line(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=60, env=os.environ | {"ROS_DOMAIN_ID": "77"})
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == (
-        "depth_node: error: temporal_filter needs tf2_msgs (ros-tf2-msgs) to hear /tf: it is not importable"
+        "depth_node: error: temporal_filter needs tf2_msgs (ros-tf2-msgs) to hear /tf: it is not importable "
+        "(odometry:=odom takes nav_msgs/Odometry on 'odom' instead)"
     )
