@@ -32,7 +32,7 @@ from rosbags.typesys import Stores, get_typestore
 
 from depth_node.bag import main
 from depth_node.codec import transform_to_matrix
-from depth_node.params import lidar_to_camera_matrix, load_params_file
+from depth_node.params import load_params_file, transform_matrix
 
 REPO = Path(__file__).resolve().parents[1]
 KITTI_YAML = REPO / "config" / "kitti.yaml"
@@ -125,7 +125,7 @@ def test_lidar_alignment_offline_with_the_param_extrinsic_and_with_tf_static(stu
 def test_kitti_yaml_extrinsic_is_the_inverse_of_the_bags_tf_static(kitti_bag):
     transform = read_bag(kitti_bag)["/tf_static"][1].transforms[0]
     assert (transform.header.frame_id, transform.child_frame_id) == ("velo_link", "camera_color_left")
-    lidar_to_camera = lidar_to_camera_matrix(load_params_file(KITTI_YAML)["lidar_to_camera"])
+    lidar_to_camera = transform_matrix(load_params_file(KITTI_YAML)["lidar_to_camera"], "lidar_to_camera")
     np.testing.assert_allclose(lidar_to_camera, np.linalg.inv(transform_to_matrix(transform.transform)), atol=1e-5)
 
 

@@ -138,8 +138,9 @@ def test_start_up_parameters_are_read_only(graph, name):
 def test_the_read_only_set_is_what_the_node_cannot_change_while_running():
     read_only = {name for name, spec in params.PARAMETERS.items() if not spec.runtime}
     assert read_only == {"model", "backend", "device", "threads", "resize", "image_transport", "use_lidar",
-                         "use_tf", "temporal_filter", "temporal_tolerance", "odom_frame", "completion_model",
-                         "sub_reliability", "sub_depth", "pub_reliability", "pub_depth"}  # fmt: skip
+                         "use_tf", "temporal_filter", "temporal_tolerance", "odometry", "odom_frame",
+                         "camera_to_base", "completion_model", "sub_reliability", "sub_depth", "pub_reliability",
+                         "pub_depth"}  # fmt: skip
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     sentence = readme.split("### Parameters")[1].split("| name |")[0]
     assert set(re.findall(r"`(\w+)`", sentence)) - {"ros2"} == set(params.PARAMETERS) - read_only

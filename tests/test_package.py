@@ -117,7 +117,9 @@ def _doc_default(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, list):
-        return "identity" if value == params.IDENTITY_4X4 else str(value)
+        return {str(params.IDENTITY_4X4): "identity", str(params.OPTICAL_IN_BASE_4X4): "optical"}.get(
+            str(value), str(value)
+        )
     return '""' if value == "" else str(value)
 
 

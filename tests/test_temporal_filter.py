@@ -1,5 +1,5 @@
 """The node's temporal filter: odometry-warped smoothing of metric depth (numpy, ROS-free), its odometry buffer fed
-from /tf, the node parameters, and `depth_node_bag` using a synthetic bag's /tf odometry."""
+from /tf or nav_msgs/Odometry, the node parameters, and `depth_node_bag` using a synthetic bag's /tf odometry."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from depth_node import params
 from depth_node.bag import main as bag_main
 from depth_node.codec import transform_to_matrix
 from depth_node.temporal_filter import OdometryBuffer, TemporalFilter
+from depth_node.topics import ODOMETRY
 from distill.flicker import pair_flicker
 
 HEIGHT, WIDTH = 40, 60
@@ -162,6 +163,117 @@ def test_stream_feeds_tf_messages_as_rclpy_and_rosbags_give_them(tmp_path):
     assert stream.temporal is not None and stream.temporal.weight == 0.5
 
 
+def test_stream_feeds_odometry_messages_with_the_camera_to_base_mount_unless_tf_static_has_one(tmp_path):
+    from depth_node.engine import open_engine
+    from depth_node.pipeline import DepthPipeline, PipelineOptions
+    from depth_node.stream import FrameStream
+
+    engine = open_engine(ramp_model(tmp_path / "ramp.onnx"), "onnxruntime-cpu")
+
+    def stream(odometry: str) -> FrameStream:
+        values = params.resolve({"model": "m.onnx", "temporal_filter": 0.5, "odometry": odometry})
+        return FrameStream(DepthPipeline(engine, PipelineOptions.from_params(values)), values, lambda event: None)
+
+    stamp = SimpleNamespace(sec=2, nanosec=0)
+    quarter_turn = SimpleNamespace(x=0.0, y=0.0, z=np.sqrt(0.5), w=np.sqrt(0.5))  # base_link yawed 90 degrees
+    pose = SimpleNamespace(position=SimpleNamespace(x=3.0, y=1.0, z=0.0), orientation=quarter_turn)
+    odometry = SimpleNamespace(header=SimpleNamespace(stamp=stamp, frame_id="odom"), child_frame_id="base_link",
+                               pose=SimpleNamespace(pose=pose))  # fmt: skip
+    from_topic = stream("odom")
+    from_topic.on_odometry(odometry)
+    camera = from_topic.odometry.camera_pose("cam", 2 * 10**9)
+    # camera_to_base's default: the optical axis (z) along base_link's x, which the yaw turns onto odom's y
+    np.testing.assert_allclose(camera[:3, 2], [0.0, 1.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(camera[:3, 3], [3.0, 1.0, 0.0])
+    raised = SimpleNamespace(translation=SimpleNamespace(x=0.0, y=0.0, z=1.0),
+                             rotation=SimpleNamespace(x=0.0, y=0.0, z=0.0, w=1.0))  # fmt: skip
+    mount = SimpleNamespace(header=SimpleNamespace(stamp=stamp, frame_id="base_link"), child_frame_id="cam",
+                            transform=raised)  # fmt: skip
+    from_topic.on_transforms(SimpleNamespace(transforms=[mount]), static=True)  # /tf_static, where it is heard, wins
+    np.testing.assert_allclose(from_topic.odometry.camera_pose("cam", 2 * 10**9)[:3, 3], [3.0, 1.0, 1.0])
+    from_tf = stream("tf")
+    from_tf.on_odometry(odometry)
+    assert from_tf.odometry.camera_pose("cam", 2 * 10**9) is None  # the /tf path assumes no mount
+
+
+def odometry_bag(bag: Path, out: Path) -> list[float]:
+    """A copy of a synthetic bag with its /tf odometry on /odom as nav_msgs/Odometry and no /tf_static; returns the
+    camera mount /tf_static had (the camera's pose in base_link, 16 numbers row-major) for `camera_to_base`."""
+    from rosbags.rosbag2 import Writer
+    from rosbags.typesys import Stores, get_typestore
+
+    from depth_node.geometry import lookup_transform
+    from distill.data.synth_bag import CAMERA_FRAME
+
+    store = get_typestore(Stores.ROS2_HUMBLE)
+    t = store.types
+    static: dict[tuple[str, str], np.ndarray] = {}
+    with AnyReader([bag]) as reader, Writer(out, version=8) as writer:
+        connections = {
+            c.topic: writer.add_connection(*(("/odom", ODOMETRY) if c.topic == "/tf" else (c.topic, c.msgtype)),
+                                           typestore=store)
+            for c in reader.connections if c.topic != "/tf_static"
+        }  # fmt: skip
+        for connection, stamp, raw in reader.messages():
+            if connection.topic not in ("/tf", "/tf_static"):
+                writer.write(connections[connection.topic], stamp, raw)
+                continue
+            for item in reader.deserialize(raw, connection.msgtype).transforms:
+                if connection.topic == "/tf_static":
+                    static[(item.header.frame_id, item.child_frame_id)] = transform_to_matrix(item.transform)
+                    continue
+                v, q = item.transform.translation, item.transform.rotation
+                pose = t["geometry_msgs/msg/Pose"](
+                    position=t["geometry_msgs/msg/Point"](x=v.x, y=v.y, z=v.z),
+                    orientation=t["geometry_msgs/msg/Quaternion"](x=q.x, y=q.y, z=q.z, w=q.w),
+                )
+                zero = t["geometry_msgs/msg/Vector3"](x=0.0, y=0.0, z=0.0)
+                message = t["nav_msgs/msg/Odometry"](
+                    header=item.header, child_frame_id=item.child_frame_id,
+                    pose=t["geometry_msgs/msg/PoseWithCovariance"](pose=pose, covariance=np.zeros(36)),
+                    twist=t["geometry_msgs/msg/TwistWithCovariance"](
+                        twist=t["geometry_msgs/msg/Twist"](linear=zero, angular=zero), covariance=np.zeros(36)),
+                )  # fmt: skip
+                writer.write(connections["/tf"], stamp, store.serialize_cdr(message, ODOMETRY))
+    return lookup_transform(static, "base_link", CAMERA_FRAME).ravel().tolist()
+
+
+def test_bag_tool_on_odometry_and_camera_to_base_matches_tf_and_tf_static(synth_root, tmp_path, capsys):
+    bag = sorted((synth_root / "bags").iterdir())[0]
+    mount = odometry_bag(bag, tmp_path / "odom_bag")
+    model = ramp_model(tmp_path / "ramp.onnx", size=(64, 192), depth_range=(0.5, 80.0), scale=20.0, offset=5.0)
+    smoothing = ["--model", str(model), "-p", "temporal_filter:=0.5", "-p", "temporal_tolerance:=0.2"]
+    assert bag_main([str(bag), str(tmp_path / "tf"), *smoothing]) == 0
+    odometry = ["-p", "odometry:=odom", "-p", f"camera_to_base:={mount}"]
+    assert bag_main([str(tmp_path / "odom_bag"), str(tmp_path / "odom"), *smoothing, *odometry]) == 0
+    assert bag_main([str(tmp_path / "odom_bag"), str(tmp_path / "plain"), "--model", str(model)]) == 0
+    assert "pose of" not in capsys.readouterr().out  # every frame had a camera pose
+    from_tf, from_odom, plain = depths(tmp_path / "tf"), depths(tmp_path / "odom"), depths(tmp_path / "plain")
+    assert len(from_tf) == len(from_odom) >= 2
+    assert (from_odom[1] != plain[1]).mean() > 0.05  # smoothed, as the /tf run is
+    for tf_depth, odom_depth in zip(from_tf, from_odom, strict=True):
+        np.testing.assert_allclose(odom_depth, tf_depth, rtol=1e-5)
+
+
+def test_bag_tool_odometry_topic_must_exist_and_be_odometry(synth_root, tmp_path, capsys):
+    bag = sorted((synth_root / "bags").iterdir())[0]
+    model = ramp_model(tmp_path / "ramp.onnx", size=(64, 192))
+    args = [
+        str(bag),
+        str(tmp_path / "out"),
+        "--model",
+        str(model),
+        *"-p temporal_filter:=0.5 -p odometry:=odom".split(),
+    ]
+    assert bag_main(args) == 2
+    assert capsys.readouterr().err.startswith(f"depth_node_bag: error: {bag}: no odom topic '/odom'; the bag has: ")
+    assert bag_main([*args, "--odom-topic", "/tf"]) == 2
+    assert (
+        capsys.readouterr().err == "depth_node_bag: error: /tf is tf2_msgs/msg/TFMessage, not a nav_msgs/msg/Odometry\n"
+    )
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.skipif(importlib.util.find_spec("tf2_msgs") is not None, reason="tf2_msgs is installed: the node starts")
 def test_the_node_without_tf2_msgs_refuses_the_filter_in_one_line(tmp_path):
     model = ramp_model(tmp_path / "ramp.onnx")
@@ -170,5 +282,6 @@ def test_the_node_without_tf2_msgs_refuses_the_filter_in_one_line(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=60, env=os.environ | {"ROS_DOMAIN_ID": "77"})
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == (
-        "depth_node: error: temporal_filter needs tf2_msgs (ros-tf2-msgs) to hear /tf: it is not importable"
+        "depth_node: error: temporal_filter needs tf2_msgs (ros-tf2-msgs) to hear /tf: it is not importable "
+        "(odometry:=odom takes nav_msgs/Odometry on 'odom' instead)"
     )

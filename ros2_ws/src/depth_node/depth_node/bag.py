@@ -43,7 +43,7 @@ from depth_node.memory import reuse_large_buffers
 from depth_node.metadata import ModelLoadError, error_summary
 from depth_node.pipeline import DepthPipeline, build_pipeline
 from depth_node.stream import Event, FrameStream
-from depth_node.topics import COMPRESSED_IMAGE, IMAGE, KITTI_INPUTS, OUTPUTS
+from depth_node.topics import COMPRESSED_IMAGE, IMAGE, KITTI_INPUTS, ODOMETRY, OUTPUTS
 
 HOLD_SLACK_S = 0.1  # how much later than its stamp window a scan may be logged (recording latency)
 OUTPUT_TYPES = {"/" + name: kind for name, kind in OUTPUTS.items()}  # the outputs, under absolute names
@@ -140,6 +140,8 @@ class BagRun:
             self.stream.on_transforms(message, static=True)
         elif role == "odometry":
             self.stream.on_transforms(message, static=False)
+        elif role == "odom":
+            self.stream.on_odometry(message)
         else:
             self.pending.append((timestamp, message))
 
@@ -264,7 +266,8 @@ def _remove(out_bag: Path) -> None:
 
 
 def _roles(reader: AnyReader, topics: dict[str, str], in_bag: Path) -> dict[str, str]:
-    """topic -> role ("image", "camera_info", "lidar", "tf", "odometry"), checking the bag has what the run needs."""
+    """topic -> role ("image", "camera_info", "lidar", "odom", "tf", "odometry"), checking the bag has what the run
+    needs."""
     available = {c.topic: c.msgtype for c in reader.connections}
     for role, topic in topics.items():
         if topic not in available:
@@ -272,8 +275,10 @@ def _roles(reader: AnyReader, topics: dict[str, str], in_bag: Path) -> dict[str,
     image_type = available[topics["image"]]
     if image_type not in (IMAGE, COMPRESSED_IMAGE):
         raise ValueError(f"{topics['image']} is {image_type}, not an Image or CompressedImage")
-    tf = {topic: role for topic, role in (("/tf_static", "tf"), ("/tf", "odometry")) if topic in available}
-    return {topic: role for role, topic in topics.items()} | tf
+    if "odom" in topics and available[topics["odom"]] != ODOMETRY:
+        raise ValueError(f"{topics['odom']} is {available[topics['odom']]}, not a {ODOMETRY}")
+    tf = {"/tf_static": "tf"} | ({} if "odom" in topics else {"/tf": "odometry"})  # odometry from one source only
+    return {topic: role for role, topic in topics.items()} | {t: role for t, role in tf.items() if t in available}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -293,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-topic", help=f"default {KITTI_INPUTS['image']} (or .../compressed)")
     parser.add_argument("--camera-info-topic", default=KITTI_INPUTS["camera_info"])
     parser.add_argument("--lidar-topic", default=KITTI_INPUTS["lidar"], help="PointCloud2 topic, read with use_lidar")
+    parser.add_argument("--odom-topic", default="/odom", help="nav_msgs/Odometry topic, read with odometry:=odom")
     return parser
 
 
@@ -322,6 +328,8 @@ def run(args: argparse.Namespace, stop: threading.Event | None = None) -> BagSum
         "image": args.image_topic or KITTI_INPUTS["image/compressed" if compressed else "image"],
         "camera_info": args.camera_info_topic,
     } | ({"lidar": args.lidar_topic} if values["use_lidar"] else {})
+    if values["temporal_filter"] and values["odometry"] == "odom":
+        topics["odom"] = args.odom_topic  # else the filter follows the bag's /tf
     return process_bag(args.in_bag, args.out_bag, build_pipeline(values), topics, values, stop)
 
 

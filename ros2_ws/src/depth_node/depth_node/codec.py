@@ -144,7 +144,17 @@ def transform_to_matrix(transform: Any) -> np.ndarray:
     A TF from `header.frame_id` (parent) to `child_frame_id` maps child-frame points into the parent frame:
     for parent velo_link and child camera it is T_lidar_cam, and lidar_to_depth wants its inverse.
     """
-    t, q = transform.translation, transform.rotation
+    return _rigid(transform.translation, transform.rotation)
+
+
+def pose_to_matrix(pose: Any) -> np.ndarray:
+    """geometry_msgs/Pose (position, orientation quaternion; normalised here) as a 4x4 float64 matrix: for the pose
+    of nav_msgs/Odometry it is T_odom_base (header.frame_id <- child_frame_id), as a TF between them would be."""
+    return _rigid(pose.position, pose.orientation)
+
+
+def _rigid(t: Any, q: Any) -> np.ndarray:
+    """4x4 from a translation (x, y, z) and a quaternion (x, y, z, w)."""
     x, y, z, w = np.array([q.x, q.y, q.z, q.w], dtype=np.float64) / np.linalg.norm([q.x, q.y, q.z, q.w])
     matrix = np.eye(4)
     matrix[:3, :3] = [

@@ -77,7 +77,7 @@ class DepthNode(Node):
         self.counters = self.stream.counters
         self._create_topics(engine.metadata.output_kind)
         if p["temporal_filter"]:
-            self._subscribe_tf()
+            self._subscribe_odometry()
         self._worker = threading.Thread(target=self._work, name="depth_inference", daemon=True)
         self._worker.start()
         topic = self.resolve_topic_name("image/compressed" if p["image_transport"] == "compressed" else "image")
@@ -144,17 +144,36 @@ class DepthNode(Node):
         self.pub_diagnostics = self.create_publisher(DiagnosticArray, DIAGNOSTICS, 10)
         self._diagnostics_timer = self.create_timer(p["diagnostics_period"], self._publish_diagnostics)
 
-    def _subscribe_tf(self) -> None:
-        """/tf and /tf_static straight into the frame stream's odometry buffer (tf2_msgs only, no tf2_ros)."""
+    def _subscribe_odometry(self) -> None:
+        """The temporal filter's odometry straight into the frame stream's buffer (tf2_msgs / nav_msgs, no tf2_ros):
+        /tf and /tf_static, or nav_msgs/Odometry on `odom` plus /tf_static when tf2_msgs is there to hear it."""
         try:
             from tf2_msgs.msg import TFMessage
         except ImportError:
-            raise ValueError(
-                "temporal_filter needs tf2_msgs (ros-tf2-msgs) to hear /tf: it is not importable"
-            ) from None
-        static_qos = QoSProfile(depth=100, durability=DurabilityPolicy.TRANSIENT_LOCAL)
-        self.create_subscription(TFMessage, "/tf", lambda m: self.stream.on_transforms(m, False), QoSProfile(depth=100))
-        self.create_subscription(TFMessage, "/tf_static", lambda m: self.stream.on_transforms(m, True), static_qos)
+            TFMessage = None
+        if self.params["odometry"] == "tf":
+            if TFMessage is None:
+                raise ValueError(
+                    "temporal_filter needs tf2_msgs (ros-tf2-msgs) to hear /tf: it is not importable "
+                    "(odometry:=odom takes nav_msgs/Odometry on 'odom' instead)"
+                )
+            self.create_subscription(
+                TFMessage, "/tf", lambda m: self.stream.on_transforms(m, False), QoSProfile(depth=100)
+            )
+        else:
+            try:
+                from nav_msgs.msg import Odometry
+            except ImportError:
+                raise ValueError("odometry:=odom needs nav_msgs (ros-nav-msgs): it is not importable") from None
+            # best effort hears reliable and best-effort publishers alike; odometry messages are small, rarely lost
+            odom_qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.BEST_EFFORT)
+            self.create_subscription(Odometry, "odom", self.stream.on_odometry, odom_qos)
+            mount = "/tf_static, else camera_to_base" if TFMessage is not None else "camera_to_base (no tf2_msgs)"
+            self.get_logger().info(f"temporal filter: odometry from '{self.resolve_topic_name('odom')}', camera "
+                                   f"mount from {mount}")  # fmt: skip
+        if TFMessage is not None:
+            static_qos = QoSProfile(depth=100, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+            self.create_subscription(TFMessage, "/tf_static", lambda m: self.stream.on_transforms(m, True), static_qos)
 
     # --- callbacks: cheap, never block on inference -------------------------------------------------------------
     def _on_image(self, msg: Image | CompressedImage) -> None:

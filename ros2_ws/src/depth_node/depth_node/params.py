@@ -18,6 +18,9 @@ import yaml
 from depth_node.image_codec import MAX_IMAGE_PIXELS
 
 IDENTITY_4X4 = [float(row == col) for row in range(4) for col in range(4)]
+# The camera's optical frame (z forward, x right, y down; REP 103) at the base's origin, looking along its x axis:
+# the camera mount assumed when neither /tf_static nor `camera_to_base` says otherwise.
+OPTICAL_IN_BASE_4X4 = [0.0, 0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
 # Seconds: faster than 10 Hz a diagnostics timer costs CPU for nothing (1e-6 s burnt 46 % of a core idle).
 DIAGNOSTICS_PERIOD_S = (0.1, 3600.0)
 
@@ -69,10 +72,20 @@ PARAMETERS: dict[str, ParamSpec] = {
     ),
     "alignment_momentum": ParamSpec(0.9, "temporal smoothing of scale/shift in [0, 1) (0: per frame)", runtime=True),
     "temporal_filter": ParamSpec(
-        0.0, "weight in [0, 1) of the previous depth, moved by /tf odometry, blended into each frame (0: off; try 0.7)"
+        0.0, "weight in [0, 1) of the previous depth, moved by the odometry, blended into each frame (0: off; try 0.7)"
     ),
     "temporal_tolerance": ParamSpec(0.2, "largest |ln previous - ln new| depth still blended (moving objects are not)"),
-    "odom_frame": ParamSpec("odom", "fixed frame of the /tf odometry the temporal filter follows"),
+    "odometry": ParamSpec(
+        "tf",
+        "the temporal filter's odometry: /tf (needs tf2_msgs) or nav_msgs/Odometry on `odom`",
+        ("tf", "odom"),
+    ),
+    "odom_frame": ParamSpec("odom", "fixed frame of the odometry the temporal filter follows"),
+    "camera_to_base": ParamSpec(
+        OPTICAL_IN_BASE_4X4,
+        "odometry odom: 4x4 row-major pose of the camera optical frame in the odometry's child frame where "
+        "/tf_static gives none ([optical]: at its origin, looking along its x)",
+    ),
     "completion_model": ParamSpec("", "exported completion network run on LiDAR-aligned frames (empty: aligned only)"),
     "lazy": ParamSpec(True, "no inference while nobody subscribes to an output", runtime=True),
     "sub_reliability": ParamSpec("best_effort", "input QoS reliability", ("best_effort", "reliable")),
@@ -90,13 +103,16 @@ def usage() -> str:
         "",
         "Publishes depth (32FC1 metres), its camera_info, confidence and the point cloud from camera frames, with an",
         "exported depthkd model (`distill export`). Move every topic together with a namespace: -r __ns:=/camera.",
+        "Temporal filter on nav_msgs/Odometry (no tf2_msgs needed): -p temporal_filter:=0.7 -p odometry:=odom",
+        "-r odom:=/odometry/filtered; the camera mount comes from /tf_static when heard, else from camera_to_base.",
         "",
         "parameters (* = applied at run time by `ros2 param set`; the others are read-only once the node is up):",
     ]
     width = max(map(len, PARAMETERS))
     for name, spec in PARAMETERS.items():
         kind = type(spec.default).__name__ if not isinstance(spec.default, list) else "double[]"
-        default = "[identity]" if spec.default == IDENTITY_4X4 else repr(spec.default)
+        named = {repr(IDENTITY_4X4): "[identity]", repr(OPTICAL_IN_BASE_4X4): "[optical]"}
+        default = named.get(repr(spec.default), repr(spec.default))
         choices = f" ({' | '.join(spec.choices)})" if spec.choices else ""
         lines.append(
             f"  {'*' if spec.runtime else ' '} {name:<{width}}  {kind:<8} {default:<12} {spec.description}{choices}"
@@ -184,22 +200,23 @@ def _check_ranges(params: dict[str, Any]) -> None:
         raise ValueError(
             f"parameter 'diagnostics_period' must be in [{low}, {high}] s, got {params['diagnostics_period']}"
         )
-    lidar_to_camera_matrix(params["lidar_to_camera"])
+    for name in ("lidar_to_camera", "camera_to_base"):
+        transform_matrix(params[name], name)
 
 
-def lidar_to_camera_matrix(values: list[float]) -> np.ndarray:
-    """The `lidar_to_camera` parameter (16 numbers, row-major) as a (4, 4) float64 rigid transform; ValueError for a
+def transform_matrix(values: list[float], name: str) -> np.ndarray:
+    """A transform parameter (16 numbers, row-major) as a (4, 4) float64 rigid transform; ValueError for a
     singular, scaled or mirroring one (an all-zero matrix would put every LiDAR point at the camera centre)."""
     if len(values) != 16:
-        raise ValueError(f"parameter 'lidar_to_camera' must have 16 values (4x4 row-major), got {len(values)}")
+        raise ValueError(f"parameter '{name}' must have 16 values (4x4 row-major), got {len(values)}")
     matrix = np.asarray(values, dtype=np.float64).reshape(4, 4)
     if not np.allclose(matrix[3], [0.0, 0.0, 0.0, 1.0]):
-        raise ValueError(f"parameter 'lidar_to_camera': the last row must be 0 0 0 1, got {matrix[3].tolist()}")
+        raise ValueError(f"parameter '{name}': the last row must be 0 0 0 1, got {matrix[3].tolist()}")
     rotation = matrix[:3, :3]
     if not (np.allclose(rotation.T @ rotation, np.eye(3), atol=1e-3) and abs(np.linalg.det(rotation) - 1.0) < 1e-3):
         determinant = np.linalg.det(rotation)
         raise ValueError(
-            "parameter 'lidar_to_camera' must be a rigid transform (its 3x3 rotation orthonormal with determinant 1), "
+            f"parameter '{name}' must be a rigid transform (its 3x3 rotation orthonormal with determinant 1), "
             f"got a rotation part with determinant {determinant:.3g}"
         )
     return matrix

@@ -23,7 +23,7 @@ from depth_node.codec import PackedCloud, empty_cloud, set_cloud_colours
 from depth_node.engine import DepthEngine, open_engine
 from depth_node.geometry import backproject, lidar_to_depth
 from depth_node.image_codec import message_array
-from depth_node.params import lidar_to_camera_matrix
+from depth_node.params import transform_matrix
 
 # (rgb (H, W, 3) uint8, aligned depth (H, W) metres, sparse LiDAR depth (H, W) metres 0 = none) -> (H, W) metres.
 Completion = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
@@ -69,7 +69,7 @@ class PipelineOptions:
             "alignment_method",
             "alignment_momentum",
         )
-        transform = lidar_to_camera_matrix(params["lidar_to_camera"])
+        transform = transform_matrix(params["lidar_to_camera"], "lidar_to_camera")
         return cls(**{name: params[name] for name in names}, lidar_to_camera=transform)
 
 

@@ -7,7 +7,8 @@ scale prior), scale the CameraInfo to the image, pair the LiDAR scan nearest in 
 arrival), run the DepthPipeline, and say which outputs (topics.OUTPUTS) the frame produces. What happens is counted
 in `Counters` and reported as `Event`s; each shell decides how to show them (the node throttles them on its log, the
 bag tool prints each kind once and counts them in its summary). With `temporal_filter` > 0, metric depth is smoothed
-along the camera motion that /tf odometry gives (`temporal_filter.TemporalFilter`, fed by `on_transforms`).
+along the camera motion that the odometry gives (`temporal_filter.TemporalFilter`, fed by `on_transforms` from /tf
+and /tf_static, or by `on_odometry` from nav_msgs/Odometry).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 from depth_node.codec import (
     camera_info_to_P,
     pointcloud2_to_xyz,
+    pose_to_matrix,
     ros2_camera_info,
     scale_camera_info,
     stamp_ns,
@@ -31,6 +33,7 @@ from depth_node.codec import (
 )
 from depth_node.geometry import backproject
 from depth_node.image_codec import image_msg_to_rgb
+from depth_node.params import transform_matrix
 from depth_node.pipeline import DepthPipeline, FrameResult
 from depth_node.temporal_filter import OdometryBuffer, TemporalFilter
 from depth_node.topics import OUTPUTS
@@ -169,7 +172,10 @@ class FrameStream:
         self._clock = clock
         self._last_frame: tuple[int, tuple[int, int]] | None = None  # (stamp ns, (H, W)) of the last decoded image
         weight = params["temporal_filter"]
-        self.odometry = OdometryBuffer(params["odom_frame"])
+        self.odometry_source = "/tf" if params["odometry"] == "tf" else "odom"
+        # Odometry on a topic often comes without /tf_static (no tf2_msgs): then the camera_to_base mount stands in.
+        mount = transform_matrix(params["camera_to_base"], "camera_to_base") if params["odometry"] == "odom" else None
+        self.odometry = OdometryBuffer(params["odom_frame"], mount=mount)
         self.temporal = TemporalFilter(weight, params["temporal_tolerance"]) if weight else None
 
     def configure(self, params: dict) -> None:
@@ -199,6 +205,11 @@ class FrameStream:
         for item in msg.transforms:
             pose = transform_to_matrix(item.transform)
             self.odometry.add(str(item.header.frame_id), str(item.child_frame_id), stamp_ns(item.header), pose, static)
+
+    def on_odometry(self, msg: Any) -> None:
+        """A nav_msgs/Odometry: the pose of child_frame_id (base_link) in header.frame_id (odom) at its stamp."""
+        pose = pose_to_matrix(msg.pose.pose)
+        self.odometry.add(str(msg.header.frame_id), str(msg.child_frame_id), stamp_ns(msg.header), pose)
 
     def process(
         self, msg: Any, received: float | None = None, want_points: bool = True, want_confidence: bool = True
@@ -268,8 +279,8 @@ class FrameStream:
         start = self._clock()
         pose = self.odometry.camera_pose(str(header.frame_id), stamp_ns(header))
         if pose is None:
-            self._report(Event("odometry", f"no /tf pose of {header.frame_id!r} in {self.odometry.odom_frame!r}: "
-                                           "frame not temporally filtered"))  # fmt: skip
+            where = f"{header.frame_id!r} in {self.odometry.odom_frame!r}"
+            self._report(Event("odometry", f"no {self.odometry_source} pose of {where}: frame not temporally filtered"))
         result.depth = self.temporal(result.depth, projection, pose, stamp_ns(header))
         if result.cloud is not None:
             stride = self.pipeline.options.points_stride

@@ -1,5 +1,6 @@
 """Temporal filtering of metric depth with odometry: the previous output, moved by the camera's motion, is blended
-with the new frame, so static surfaces stop flickering. ROS-free numpy; the node feeds it /tf and /tf_static.
+with the new frame, so static surfaces stop flickering. ROS-free numpy; the node feeds it /tf and /tf_static, or
+nav_msgs/Odometry (and /tf_static when it can hear it).
 
 Per frame t with camera pose T_odom_cam(t): the previous filtered depth is carried into frame t (`carry_previous`,
 relative pose inv(T_odom_cam(t)) @ T_odom_cam(t-1)); where it agrees with the new depth, |ln carried - ln new| <
@@ -24,15 +25,17 @@ MAX_GAP_NS = 500_000_000  # frames further apart than this (or going back in tim
 
 
 class OdometryBuffer:
-    """Recent transforms of /tf (stamped) and /tf_static, enough to look up the camera pose in the odometry frame.
+    """Recent odometry (stamped) and static transforms, enough to look up the camera pose in the odometry frame.
 
     Args:
         odom_frame: the fixed frame the odometry is expressed in (REP 105: odom).
         keep: stamped transforms kept per (parent, child) edge.
+        mount: (4, 4) camera pose in the odometry's child frame, used when the static transforms give no chain from
+            that frame to the camera's; None: such a camera has no pose.
     """
 
-    def __init__(self, odom_frame: str = "odom", keep: int = 200) -> None:
-        self.odom_frame, self.keep = odom_frame, keep
+    def __init__(self, odom_frame: str = "odom", keep: int = 200, mount: np.ndarray | None = None) -> None:
+        self.odom_frame, self.keep, self.mount = odom_frame, keep, mount
         self.static: dict[tuple[str, str], np.ndarray] = {}
         self.dynamic: dict[tuple[str, str], tuple[list[int], list[np.ndarray]]] = {}
         self._lock = threading.Lock()  # the node adds from the executor thread and looks up from its worker
@@ -52,13 +55,14 @@ class OdometryBuffer:
 
     def camera_pose(self, camera_frame: str, stamp_ns: int, max_dt_ns: int = 50_000_000) -> np.ndarray | None:
         """(4, 4) T_odom_camera at `stamp_ns`: the odometry edge odom -> base nearest in stamp (within `max_dt_ns`)
-        composed with the static chain base -> camera; None when either is missing."""
+        composed with the static chain base -> camera (else `mount`); None when either is missing."""
         with self._lock:
             static = dict(self.static)
             edges = [(child, list(stamps), list(poses)) for (parent, child), (stamps, poses) in self.dynamic.items()
                      if parent == self.odom_frame and stamps]  # fmt: skip
         for child, stamps, poses in edges:
             mount = lookup_transform(static, child, camera_frame.lstrip("/"))
+            mount = self.mount if mount is None else mount
             if mount is None:
                 continue
             at = bisect.bisect_left(stamps, stamp_ns)

@@ -12,6 +12,7 @@ COMPRESSED_IMAGE = "sensor_msgs/msg/CompressedImage"
 CAMERA_INFO = "sensor_msgs/msg/CameraInfo"
 POINT_CLOUD = "sensor_msgs/msg/PointCloud2"
 TF_MESSAGE = "tf2_msgs/msg/TFMessage"
+ODOMETRY = "nav_msgs/msg/Odometry"
 
 # Subscribed: relative name -> message type.
 INPUTS: dict[str, str] = {
@@ -21,6 +22,7 @@ INPUTS: dict[str, str] = {
     "lidar": POINT_CLOUD,
     "/tf": TF_MESSAGE,  # with temporal_filter: odometry (absolute, as TF always is)
     "/tf_static": TF_MESSAGE,
+    "odom": ODOMETRY,  # with temporal_filter and odometry: odom, instead of /tf
 }
 
 # Published per frame, in publishing order: relative name -> message type.
