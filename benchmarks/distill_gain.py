@@ -19,7 +19,8 @@ init: no label of the target world at all). Each row trains from random init wit
 
 Statistics: every row runs each seed (run.seed: init, batches, augmentation) and is paired by seed with the
 baseline: ΔRMSE_s = RMSE_row,s − RMSE_baseline,s; delta_rmse is their mean, delta_rmse_se its standard error
-(sd / √n), gap_closure = −delta_rmse / (RMSE_baseline − RMSE_teacher), significant = delta_rmse < −2·SE. Claim a
+(sd / √n), gap_closure = −delta_rmse / (RMSE_baseline − RMSE_teacher) (null when the teacher is no better than the
+baseline), significant = delta_rmse < −2·SE. Claim a
 gain only when significant and better than the placebo. No λ or scale is chosen here (no split is used for
 selection; methods run with their config defaults, whose rules are documented in config/default.yaml).
 Diagnostics (DisDepth rows): the ghost advantage (student SILog − ghost SILog, end of warm-up and last steps) and the

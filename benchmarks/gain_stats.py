@@ -29,7 +29,8 @@ def paired(rows: dict[str, dict], teacher_rmse: float) -> dict[str, dict]:
         delta = sum(diffs) / len(diffs)
         sd = math.sqrt(sum((d - delta) ** 2 for d in diffs) / (len(diffs) - 1)) if len(diffs) > 1 else math.inf
         se = sd / math.sqrt(len(diffs))
-        gap = -delta / (base_rmse - teacher_rmse) if base_rmse != teacher_rmse else None
+        # A teacher no better than the baseline leaves no gap to close: the ratio would flip sign, so it is None.
+        gap = -delta / (base_rmse - teacher_rmse) if base_rmse > teacher_rmse else None
         result[name] = {
             "delta_rmse": round(delta, 4),
             "delta_rmse_se": round(se, 4) if se < math.inf else None,  # one seed: no SE
