@@ -28,12 +28,10 @@ from distill.drawing import (
     write_png,
 )
 from distill.errors import UserError
+from distill.verbs.calibration import BAG_SUFFIXES, IMAGE_SUFFIXES
 
 if TYPE_CHECKING:
     from distill.inference import Predictor
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
-BAG_SUFFIXES = (".mcap", ".db3", ".bag")
 
 
 @dataclass
