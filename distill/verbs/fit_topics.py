@@ -12,12 +12,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from distill.data.rosbag import bag_topics
+from distill.data.rosbag import EXPECTED_TYPES, bag_topics
 from distill.errors import UserError
 
-IMAGE_TYPES = ("sensor_msgs/Image", "sensor_msgs/CompressedImage")
-CAMERA_INFO_TYPE = "sensor_msgs/CameraInfo"
-CLOUD_TYPE = "sensor_msgs/PointCloud2"
+# The message types the bag dataset reads: topic detection accepts exactly what the reader can read.
+IMAGE_TYPES = EXPECTED_TYPES["image"]
+(CAMERA_INFO_TYPE,) = EXPECTED_TYPES["camera_info"]
+(CLOUD_TYPE,) = EXPECTED_TYPES["lidar"]
 NOT_CAMERAS = ("depth", "disparity")  # image topics that carry depth, not colour (e.g. a depth_node's /depth)
 LIDAR_WORDS = ("velo", "lidar", "points")
 NO_LIDAR = "none"  # --lidar-topic none: go without the LiDAR
